@@ -1,0 +1,34 @@
+# The README's two commands: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup demo test fashion-mnist clean
+
+setup: $(STAMP)
+
+# torch and torchvision are pinned in the same pip command (and in constraints.txt):
+# an unpinned torchvision pulls a CUDA build of torch (gigabytes).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -c constraints.txt torch==2.13.0 torchvision==0.28.0 -e ".[dev]"
+	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'vptune_tvshim.pth').write_text('import vptune_tvshim; vptune_tvshim.install()\n')"
+	$(MAKE) fashion-mnist
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's package where apt is available, else torchvision's downloader.
+fashion-mnist:
+	@if [ -d $(FMNIST) ]; then echo "Fashion-MNIST: $(FMNIST)"; \
+	elif command -v apt-get >/dev/null 2>&1 && (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); then echo "Fashion-MNIST installed from apt"; \
+	else $(PY) -m vptune.data.fashion_mnist --download; fi
+
+demo: setup
+	$(VENV)/bin/vptune demo
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,1 @@
+"""How vptune walks each supported backbone family (timm ViT)."""

@@ -1,0 +1,68 @@
+"""E2VPT: Effective and Efficient Visual Prompt Tuning (Han et al., ICCV 2023), REFERENCE.md section 2.
+
+Deep visual prompts (VPT-deep, on the key-value path by default) plus, in every block,
+key-value prompts appended after the K/V projections directly in per-head space, shape
+(h, L_kv, d_h): no LayerNorm, no projection, and no query rows, so the output length is
+unchanged. Block i attends over keys [X W_k; K_vis,i; K_kv,i] and values [X W_v; V_vis,i; V_kv,i].
+The paper uses separate key and value prompts; ``shared_kv=True`` is the official code's one
+tensor used as both. Pruning of the visual prompts lives in ``vptune.pruning``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import Method, MethodConfig, register
+from .vpt import VPT, VPTConfig
+
+
+@register("e2vpt")
+@dataclasses.dataclass
+class E2VPTConfig(MethodConfig):
+    num_prompts: int = 10
+    num_kv_prompts: int = 5
+    shared_kv: bool = False
+    dropout: float = 0.1
+    path: str = "kv"
+
+    def __post_init__(self) -> None:
+        if self.num_kv_prompts < 1:
+            raise ValueError(f"num_kv_prompts must be >= 1, got {self.num_kv_prompts}")
+        self.visual_config()  # validates the rest
+
+    def visual_config(self) -> VPTConfig:
+        return VPTConfig(num_prompts=self.num_prompts, deep=True, dropout=self.dropout, path=self.path)
+
+    def method_name(self) -> str:
+        return "e2vpt"
+
+    def build(self, backbone: nn.Module) -> "E2VPT":
+        return E2VPT(self, backbone)
+
+
+class E2VPT(Method):
+    def __init__(self, config: E2VPTConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        self.config = config
+        self.visual = VPT(config.visual_config(), backbone)
+        self.path = config.path
+        self.prompt_layers = self.visual.prompt_layers
+        attn = backbone.blocks[0].attn
+        shape = (len(backbone.blocks), attn.num_heads, config.num_kv_prompts, attn.head_dim)
+        bound = math.sqrt(6.0 / (attn.head_dim * config.num_kv_prompts))  # official Kaiming-uniform fan_in
+        self.key_prompts = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        self.value_prompts = None if config.shared_kv else nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+
+    def prompts(self, index: int, batch: int) -> Tensor | None:
+        return self.visual.prompts(index, batch)
+
+    def prompt_key_bias(self, batch: int) -> Tensor | None:
+        return self.visual.prompt_key_bias(batch)
+
+    def kv_prompts(self, index: int) -> tuple[Tensor, Tensor]:
+        values = self.key_prompts if self.value_prompts is None else self.value_prompts
+        return self.key_prompts[index][None], values[index][None]  # 1, H, L_kv, Dh each

@@ -1,0 +1,198 @@
+"""PromptModel: a frozen backbone, one method and a classification head.
+
+Only the method's tensors and the head are trained and saved (``config.json`` plus
+``model.safetensors``), so a task costs kilobytes and many models can share one backbone
+instance. The backbone is frozen and kept in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .backbones.vit import (
+    check_backbone,
+    describe,
+    embed,
+    num_backbone_parameters,
+    pooled_features,
+    run_blocks,
+    weights_fingerprint,
+)
+from .methods import MethodConfig, config_from_dict
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT = "vptune-run/1"
+# Backbone properties a saved run must match; the others (image size, say) may differ.
+_MUST_MATCH = ("architecture", "embed_dim", "depth", "num_heads", "head_dim", "num_prefix_tokens", "global_pool")
+
+
+def make_head(in_dim: int, num_classes: int, hidden_layers: int = 0) -> nn.Module:
+    """A Linear head (official bias init -log(0.99/0.01)), or an MLP with ReLU hidden layers."""
+    layers: list[nn.Module] = []
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(in_dim, in_dim), nn.ReLU()]
+    last = nn.Linear(in_dim, num_classes)
+    nn.init.trunc_normal_(last.weight, std=0.01)
+    nn.init.constant_(last.bias, -math.log(0.99 / 0.01))
+    return nn.Sequential(*layers, last) if layers else last
+
+
+class PromptModel(nn.Module):
+    def __init__(self, backbone: nn.Module, config: MethodConfig, num_classes: int) -> None:
+        super().__init__()
+        check_backbone(backbone)
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        backbone.requires_grad_(False)
+        backbone.eval()
+        self.config = config
+        self.num_classes = num_classes
+        self.backbone_fingerprint = weights_fingerprint(backbone)
+        self.method = config.build(backbone)
+        self.backbone = self.method.prepare_backbone(backbone)
+        self.head = make_head(backbone.num_features, num_classes, config.head_hidden_layers())
+        self.metadata: dict[str, Any] = {}
+
+    def train(self, mode: bool = True) -> "PromptModel":
+        super().train(mode)
+        self.backbone.eval()  # the VPT recipe: backbone dropout and drop-path stay off
+        return self
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """The backbone's token sequence (B, N, d) after the last block, prompts removed."""
+        return run_blocks(self.backbone, embed(self.backbone, images), self.method)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(pooled_features(self.backbone, self.forward_features(images)))
+
+    # --- what is tuned -------------------------------------------------------------------
+    def tuned_parameters(self) -> dict[str, nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def num_tuned_parameters(self) -> int:
+        return sum(p.numel() for p in self.tuned_parameters().values())
+
+    def num_backbone_parameters(self) -> int:
+        return num_backbone_parameters(self.backbone)
+
+    def tuned_state_dict(self) -> dict[str, Tensor]:
+        """Trained tensors plus the method's buffers (such as pruning masks): all a run stores."""
+        state = {name: p.detach() for name, p in self.tuned_parameters().items()}
+        state.update({f"method.{name}": b.detach() for name, b in self.method.named_buffers()})
+        return state
+
+    def load_tuned_state_dict(self, state: dict[str, Tensor], source: str = "state dict") -> None:
+        expected = self.tuned_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source} does not fit a {self.config.method_name()} model: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{source}: {name} has shape {tuple(tensor.shape)}, this model expects {tuple(expected[name].shape)}"
+                )
+        with torch.no_grad():
+            for name, tensor in state.items():
+                expected[name].copy_(tensor)
+        self.method.kv_cache.clear()
+
+    # --- save and load -------------------------------------------------------------------
+    def run_config(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "method_config": self.config.to_dict(),
+            "num_classes": self.num_classes,
+            "backbone": describe(self.backbone),
+            "backbone_weights": self.backbone_fingerprint,
+            "metadata": self.metadata,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write only what was tuned: ``model.safetensors`` and ``config.json``, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.contiguous().cpu() for name, t in self.tuned_state_dict().items()}
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        os.replace(tmp, directory / WEIGHTS_FILE)
+        tmp = directory / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.run_config(), indent=2))
+        os.replace(tmp, directory / CONFIG_FILE)
+
+    @classmethod
+    def from_pretrained(cls, backbone: nn.Module, directory: str | os.PathLike) -> "PromptModel":
+        """Rebuild a saved run on ``backbone``, refusing (with the reason) one that does not fit it."""
+        directory = Path(directory)
+        run = read_run_config(directory)
+        check_backbone(backbone)
+        check_compatible(run, backbone, directory)
+        model = cls(backbone, config_from_dict(run["method_config"]), run["num_classes"])
+        model.metadata = run.get("metadata", {})
+        if run.get("backbone_weights") not in (None, model.backbone_fingerprint):
+            warnings.warn(
+                f"{directory} was trained on backbone weights other than these "
+                "(same architecture, different patch embedding): its accuracy will not carry over",
+                stacklevel=2,
+            )
+        model.load_tuned_state_dict(read_weights(directory), source=str(directory / WEIGHTS_FILE))
+        return model.to(next(backbone.parameters()).device)
+
+
+def read_run_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not a run folder written by save_pretrained")
+    try:
+        run = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): the run folder is damaged") from None
+    missing = [key for key in ("method_config", "num_classes", "backbone") if key not in (run if isinstance(run, dict) else {})]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}: not a vptune run config")
+    try:
+        config_from_dict(run["method_config"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: bad method_config: {err}") from None
+    return run
+
+
+def read_weights(directory: Path) -> dict[str, Tensor]:
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run folder has a config but no weights")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err}): the run folder is damaged") from None
+
+
+def check_compatible(run: dict[str, Any], backbone: nn.Module, directory: Path) -> None:
+    saved, here = run["backbone"], describe(backbone)
+    diffs = [f"{key} {saved.get(key)!r} vs {here[key]!r}" for key in _MUST_MATCH if saved.get(key) != here[key]]
+    if diffs:
+        raise ValueError(
+            f"run folder {directory} was trained on {saved.get('architecture')} "
+            f"(d={saved.get('embed_dim')}, {saved.get('depth')} blocks); this backbone is {here['architecture']} "
+            f"(d={here['embed_dim']}, {here['depth']} blocks): mismatch in {'; '.join(diffs)}. "
+            f"Pass --backbone {saved.get('architecture')}"
+        )
+
+
+def prompt_model(backbone: nn.Module, config: MethodConfig, num_classes: int) -> PromptModel:
+    """Wrap a timm ViT with a method's config and a new head for ``num_classes`` classes."""
+    return PromptModel(backbone, config, num_classes)
