@@ -1,0 +1,44 @@
+"""Counting FLOPs with torch's own counter, including the fused attention op it misses on CPU.
+
+``torch.utils.flop_counter.FlopCounterMode`` knows the CUDA fused attention kernels but not
+``aten._scaled_dot_product_flash_attention_for_cpu`` (nor its backward), which is what
+``F.scaled_dot_product_attention`` runs on CPU: without a formula for it attention FLOPs are
+silently missing. We give those two ops torch's own sdpa formulas. Counts follow torch's
+convention of 2 FLOPs per multiply-add.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+
+def _attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """(query, key, value, dropout_p, is_causal, *, attn_mask, scale), as torch's sdpa formula."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """(grad_out, query, key, value, out, logsumexp, ...), as torch's sdpa backward formula."""
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_aten = torch.ops.aten
+CPU_ATTENTION_FORMULAS: dict = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+}
+
+
+def flop_counter(display: bool = False) -> FlopCounterMode:
+    """A ``FlopCounterMode`` that also counts the CPU fused attention op, forward and backward."""
+    return FlopCounterMode(display=display, custom_mapping=CPU_ATTENTION_FORMULAS)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs (2 per multiply-add) of everything ``fn()`` runs, backward included if it runs one."""
+    with flop_counter() as counter:
+        fn()
+    return counter.get_total_flops()
