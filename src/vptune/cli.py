@@ -1,0 +1,124 @@
+"""The ``vptune`` command line: thin typer commands over the library (parse, call, print).
+
+Every command reports a bad input as one red line and a non-zero exit, not a traceback.
+Commands are grouped in blocks, one per concern; each block only parses options and calls
+the library function that does the work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="vptune",
+    help="Prompt tuning of frozen timm vision transformers (VPT, E2VPT, APT) and their baselines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+BUNDLED = "vptune_vit_fmnist"  # the bundled backbone's name (vptune.backbones.BUNDLED_BACKBONE)
+
+
+def user_errors(command: Callable) -> Callable:
+    """Turn the library's input errors into one red line and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ValueError, FileNotFoundError, TypeError, KeyError) as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else err
+            err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+# --- train, eval, predict -----------------------------------------------------------------
+
+
+def method_options(method: str, named: dict[str, Any], extra: list[str]) -> dict[str, Any]:
+    """The method config fields set on the command line; an option the method lacks is an error."""
+    from vptune.methods import config_for
+
+    options = {key: value for key, value in named.items() if value is not None}
+    for item in extra:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option expects KEY=VALUE (e.g. --option layers=[0,1]), got {item!r}")
+        try:
+            options[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            options[key.replace("-", "_")] = raw
+    fields = config_for(method).to_dict()
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        have = ", ".join("--" + f.replace("_", "-") for f in fields if f != "method") or "none"
+        flags = ", ".join("--" + u.replace("_", "-") for u in unknown)
+        raise ValueError(f"method {method!r} has no option {flags}; its options are: {have}")
+    config_for(method, **options)  # validates values now, before any data is loaded
+    return options
+
+
+@app.command()
+@user_errors
+def train(
+    method: str = typer.Option(..., help="Method name: vpt-deep, vpt-shallow, e2vpt, apt, linear, mlp, full, bias, partial, lora."),
+    data: str = typer.Option(..., help="Data SPEC: imagefolder:PATH, vtab1k:ROOT/TASK, fgvc:ROOT/NAME or mini:TASK."),
+    out: Path = typer.Option(..., help="Run folder: tuned weights, config, metrics.json, curve.csv, checkpoint."),
+    backbone: str = typer.Option(BUNDLED, help="timm model name or the bundled backbone's name."),
+    weights: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors, .pth, .npz)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Use timm's hub weights (needs internet)."),
+    num_prompts: Optional[int] = typer.Option(None, help="Prompt tokens (vpt, e2vpt, apt)."),
+    num_kv_prompts: Optional[int] = typer.Option(None, help="Key/value prompts per block (e2vpt)."),
+    rank: Optional[int] = typer.Option(None, help="Low rank (apt, lora)."),
+    dropout: Optional[float] = typer.Option(None, help="Prompt or LoRA dropout."),
+    path: Optional[str] = typer.Option(None, help="Prompt path: kv (fast, exact) or tokens."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Any other method field as KEY=VALUE (JSON value)."),
+    epochs: int = typer.Option(10, help="Training epochs."),
+    batch_size: int = typer.Option(64, help="Images per step (per micro-batch with --grad-accum)."),
+    lr: float = typer.Option(0.1, help="Learning rate (base lr with --scale-lr)."),
+    weight_decay: float = typer.Option(1e-4, help="Weight decay (not on biases, norms and other 1-d tensors)."),
+    optimizer: str = typer.Option("sgd", help="sgd (momentum 0.9, the VPT recipe) or adamw."),
+    warmup_epochs: float = typer.Option(1.0, help="Linear warm-up epochs before the cosine decay."),
+    scale_lr: bool = typer.Option(False, "--scale-lr", help="Use lr * batch / 256 (the papers' convention)."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast on CPU and GPU)."),
+    seed: int = typer.Option(0, help="Seed for initialisation, shuffling and dropout."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
+    eval_every: int = typer.Option(0, help="Evaluate on val every k epochs (0: only at the end)."),
+    num_workers: int = typer.Option(0, help="DataLoader worker processes."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip unreadable images (counted in metrics)."),
+    final: bool = typer.Option(False, "--final", help="Train on train+val (train800val200) and report test."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Tune a method on a dataset and write the run folder."""
+    from vptune.train import TrainConfig, train_run
+
+    options = method_options(
+        method, dict(num_prompts=num_prompts, num_kv_prompts=num_kv_prompts, rank=rank, dropout=dropout, path=path), option
+    )
+    cfg = TrainConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
+        warmup_epochs=warmup_epochs, scale_lr=scale_lr, precision=precision, seed=seed, grad_accum=grad_accum,
+        eval_every=eval_every, num_workers=num_workers, skip_bad_images=skip_bad_images, device=device,
+    )
+    metrics = train_run(
+        backbone, method, options, data, out, cfg, weights=weights, pretrained=pretrained, final=final, resume=resume
+    )
+    table = Table(title=f"{method} on {data}", show_header=False)
+    for key in ("val_top1", "test_top1", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s", "images_per_s"):
+        value = metrics.get(key)
+        table.add_row(key, "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    console.print(f"run folder: {out}")
