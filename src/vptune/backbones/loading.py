@@ -1,0 +1,135 @@
+"""``load_backbone``: the bundled backbone, any timm ViT by name, and local weight files.
+
+Only the classifier head of a weights file may differ from the model (vptune trains its own
+head); any other missing, unexpected or mis-shaped tensor is an error naming file and keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from .bundled import BUNDLED_BACKBONE, build_bundled, bundled_weights_path
+from .vit import check_backbone
+
+_NESTED_KEYS = ("state_dict", "model", "model_ema", "module")
+_SHOWN = 8
+
+
+def load_backbone(
+    spec: str = BUNDLED_BACKBONE, *, weights: str | Path | None = None, pretrained: bool = False
+) -> VisionTransformer:
+    """A frozen-ready backbone in eval mode.
+
+    ``spec`` is the bundled backbone's name (its shipped weights, no download) or a timm model
+    name (random weights, or timm's hub weights with ``pretrained=True``). ``weights`` loads a
+    local .safetensors, .pth/.pt or big_vision .npz file instead.
+    """
+    if spec == BUNDLED_BACKBONE:
+        model = build_bundled()
+        if weights is None:
+            weights = bundled_weights_path()
+            if not weights.is_file():
+                raise FileNotFoundError(
+                    f"the bundled backbone's weights are missing ({weights}). Create them with "
+                    "`vptune pretrain` (or `python -m vptune.backbones.pretrain --out src/vptune/weights`), "
+                    "or pass another backbone"
+                )
+    else:
+        model = _create_timm(spec, pretrained=pretrained and weights is None)
+    check_backbone(model)
+    if weights is not None:
+        load_weights(model, weights)
+    return model.eval()
+
+
+def _create_timm(name: str, pretrained: bool) -> VisionTransformer:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:5]
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown backbone {name!r}: neither the bundled {BUNDLED_BACKBONE!r} nor a timm model name.{hint}"
+        )
+    try:
+        return timm.create_model(name, pretrained=pretrained)
+    except Exception as error:  # hub download: network, auth, missing files
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not fetch timm's pretrained weights for {name!r} ({type(error).__name__}: {error}). "
+            "This needs internet access to the Hugging Face hub; offline, download the weights elsewhere "
+            "and pass them with --weights FILE"
+        ) from error
+
+
+def load_weights(model: VisionTransformer, path: str | Path) -> None:
+    """Load a local weights file into ``model``; the classifier head may differ or be absent."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            model.load_pretrained(str(path))
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise ValueError(
+                f"{path} does not fit {type(model).__name__} as big_vision npz weights ({type(error).__name__}: {error})"
+            ) from error
+        return
+    if suffix == ".safetensors":
+        state = load_file(str(path))
+    elif suffix in (".pth", ".pt", ".bin"):
+        state = _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+    else:
+        raise ValueError(f"unsupported weights file {path}: expected .safetensors, .pth/.pt or .npz")
+    load_state(model, state, source=str(path))
+
+
+def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """A training checkpoint often nests the model's state dict under a key such as "model"."""
+    while isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), dict)), None)
+        if nested is None:
+            break
+        obj = nested
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{path} holds no state dict (found {type(obj).__name__})")
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load ``state`` except for the classifier head; name the offending keys otherwise."""
+    try:
+        state = checkpoint_filter_fn(state, model)  # timm's key conversions and position-embedding resampling
+    except Exception:  # noqa: BLE001  a file it cannot convert is reported by the key check below
+        pass
+    own = model.state_dict()
+    classifier = model.pretrained_cfg.get("classifier", "head") if getattr(model, "pretrained_cfg", None) else "head"
+
+    def is_head(key: str) -> bool:
+        return key.startswith(f"{classifier}.")
+
+    missing = sorted(k for k in own if k not in state and not is_head(k))
+    unexpected = sorted(k for k in state if k not in own and not is_head(k))
+    misshaped = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and not is_head(k) and state[k].shape != own[k].shape
+    )
+    problems = [
+        f"{label}: {', '.join(keys[:_SHOWN])}{' ...' if len(keys) > _SHOWN else ''} ({len(keys)})"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", misshaped))
+        if keys
+    ]
+    if problems:
+        architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", type(model).__name__)
+        raise ValueError(
+            f"{source} does not match backbone {architecture}: " + "; ".join(problems)
+            + ". Pass the backbone name these weights were trained for."
+        )
+    head_fits = {k: v for k, v in state.items() if not is_head(k) or (k in own and own[k].shape == v.shape)}
+    model.load_state_dict(head_fits, strict=False)
