@@ -42,3 +42,26 @@ def count_flops(fn: Callable[[], object]) -> int:
     with flop_counter() as counter:
         fn()
     return counter.get_total_flops()
+
+
+@torch.no_grad()
+def extra_flops(model: torch.nn.Module) -> int:
+    """Additional inference FLOPs per image of a PromptModel over its frozen backbone with a
+    linear head (the papers' "additional FLOPs"): prompts, extra keys/values, an MLP head.
+
+    Counted at eval on one image of the backbone's input size, after a warm-up call so that
+    the prompt key/value cache is filled, as it is when serving. Methods that only change
+    backbone tensors (full, bias, partial; LoRA, which can be merged into them) add none.
+    """
+    from .backbones.vit import pooled_features
+
+    backbone = model.backbone
+    device = next(model.parameters()).device
+    image = torch.zeros(1, backbone.patch_embed.proj.in_channels, *backbone.patch_embed.img_size, device=device)
+    was_training = model.training
+    model.eval()
+    model(image)  # fills the prompt key/value cache
+    total = count_flops(lambda: model(image))
+    frozen = count_flops(lambda: pooled_features(backbone, backbone.forward_features(image)))
+    model.train(was_training)
+    return total - frozen - 2 * backbone.num_features * model.num_classes

@@ -1,0 +1,79 @@
+"""TrainConfig: every knob of a training run, as one JSON-serialisable dataclass.
+
+It is saved with each run (in ``model.metadata`` and in the checkpoint), so a run folder says
+exactly how it was made and ``--resume`` can refuse to continue under different settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64  # images per micro-batch; an optimiser step sees batch_size * grad_accum
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, the VPT recipe) | "adamw"
+    warmup_epochs: float = 1.0
+    scale_lr: bool = False  # the papers' convention: lr = base_lr * batch / 256
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast, on CPU and GPU)
+    seed: int = 0
+    grad_accum: int = 1
+    eval_every: int = 0  # evaluate on val every k epochs; 0: only at the end
+    num_workers: int = 0
+    skip_bad_images: bool = False
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_epochs": 0 <= self.warmup_epochs <= self.epochs,
+            "grad_accum": self.grad_accum >= 1,
+            "eval_every": self.eval_every >= 0,
+            "num_workers": self.num_workers >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"bad training setting {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}: epochs, batch_size and "
+                "grad_accum must be >= 1, lr > 0, weight_decay, eval_every and num_workers >= 0, "
+                "and warmup_epochs between 0 and epochs"
+            )
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+
+    @property
+    def effective_lr(self) -> float:
+        """The peak learning rate: ``lr``, or ``lr * batch / 256`` with ``scale_lr`` (batch per step)."""
+        return self.lr * self.batch_size * self.grad_accum / 256 if self.scale_lr else self.lr
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; expected some of {sorted(known)}")
+        return cls(**data)

@@ -1,0 +1,296 @@
+"""The training loop: ``fit`` a PromptModel on a DataBundle, ``evaluate`` it on a dataset.
+
+One epoch reads: shuffle with a generator seeded by (seed, epoch); for each micro-batch, a
+forward pass under optional bf16 autocast, the summed cross-entropy divided by the number of
+images in its optimiser step (so ``grad_accum`` micro-batches add up to exactly the big batch's
+mean-loss gradient), backward; every ``grad_accum`` micro-batches set the scheduled lr and
+step. At the end of the epoch: evaluate on val if due, then (main process only) write the
+tuned weights, the checkpoint and the curve. Because the data order depends only on
+(seed, epoch) and the checkpoint holds every RNG state, ``resume=True`` reproduces an
+uninterrupted run exactly.
+
+For DistributedDataParallel under torchrun, ``epoch_sampler`` is the place for a
+DistributedSampler, ``forward_model`` for the DDP wrapper, and every file write is already
+guarded by ``is_main_process``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+
+from ..model import CONFIG_FILE, PromptModel, check_compatible, read_run_config
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .optim import build_optimizer, lr_factor, set_lr
+
+CURVE_FILE = "curve.csv"
+CURVE_FIELDS = ("epoch", "step", "train_loss", "lr", "val_top1", "val_loss", "images_per_s")
+# Settings a resumed run must share with its checkpoint, or it would not continue the same run.
+RESUME_MUST_MATCH = (
+    "epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "scale_lr", "precision", "seed",
+    "grad_accum", "eval_every",
+)
+
+
+class NonFiniteLossError(ValueError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator behind an epoch's data order and worker seeds: a function of (seed, epoch) only."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def epoch_sampler(dataset: Dataset, cfg: TrainConfig, epoch: int) -> Sampler:
+    """The order in which epoch ``epoch`` visits ``dataset`` (a DistributedSampler goes here)."""
+    return RandomSampler(dataset, generator=epoch_generator(cfg.seed, epoch))
+
+
+def make_loader(dataset: Dataset, cfg: TrainConfig, epoch: int, sampler: Sampler | None = None) -> DataLoader:
+    """A loader for epoch ``epoch``: shuffled by ``sampler`` for training, in order (None) for evaluation."""
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        generator=epoch_generator(cfg.seed, epoch),  # seeds the workers' augmentation
+        pin_memory=cfg.torch_device().type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig | int = 256) -> dict[str, float]:
+    """Top-1 accuracy (percent) and mean cross-entropy of ``model`` on ``dataset``.
+
+    ``cfg`` is a TrainConfig (its batch size, device, precision and workers are used) or just
+    a batch size (fp32, on the model's device).
+    """
+    if isinstance(cfg, int):
+        cfg = TrainConfig(batch_size=cfg, device=str(next(model.parameters()).device))
+    device = cfg.torch_device()
+    was_training = model.training
+    model.eval()
+    correct, loss_sum, count = 0, 0.0, 0
+    for images, labels in make_loader(dataset, cfg, epoch=0):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(cfg, device):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(dim=1) == labels).sum().item()
+        count += labels.numel()
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    return {"top1": 100.0 * correct / count, "loss": loss_sum / count, "count": count}
+
+
+def fit(
+    model: PromptModel,
+    data: Any,
+    cfg: TrainConfig,
+    out_dir: Path | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``model``'s tuned parameters on ``data.train``; evaluate on ``data.val`` at the end
+    (and every ``cfg.eval_every`` epochs). With ``out_dir``, write the tuned weights, the curve
+    and a checkpoint after every epoch; ``resume`` continues from that checkpoint.
+    ``on_epoch_end(record)`` is called with each epoch's curve row (a sweep reports it).
+
+    Returns the final val top-1 and loss, the curve and throughput figures.
+    """
+    if len(data.train) == 0:
+        raise ValueError("the training set is empty")
+    device = cfg.torch_device()
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    model.metadata["train_config"] = cfg.to_dict()
+    optimizer = build_optimizer(model, cfg)
+    forward_model = model  # the DistributedDataParallel wrapper goes here
+    micro_batches = math.ceil(len(epoch_sampler(data.train, cfg, 0)) / cfg.batch_size)
+    steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    has_val = data.val is not None and len(data.val) > 0
+
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "curve": [], "wall_time_s": 0.0, "train_time_s": 0.0, "images": 0}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        check_run_folder(model, out_dir)
+        if resume:
+            state = restore(model, optimizer, data, cfg, out_dir)
+        elif is_main_process():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)  # a fresh start: a stale checkpoint must not be resumed
+    elif resume:
+        raise ValueError("resume needs the run folder (out_dir) that holds the checkpoint")
+
+    started = time.perf_counter() - state["wall_time_s"]
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.3g}  {task.fields[ips]:.0f} img/s"),
+        TimeRemainingColumn(), disable=not (progress and is_main_process()),
+    )
+    with bar:
+        task = bar.add_task("", total=micro_batches, loss=float("nan"), lr=0.0, ips=0.0)
+        for epoch in range(state["epoch"], cfg.epochs):
+            bar.reset(task, description=f"epoch {epoch + 1}/{cfg.epochs}", total=micro_batches)
+            model.train()
+            loader = make_loader(data.train, cfg, epoch, sampler=epoch_sampler(data.train, cfg, epoch))
+            num_images = len(loader.sampler)
+            step_images = cfg.batch_size * cfg.grad_accum
+            loss_sum, seen, lr, tick = 0.0, 0, 0.0, time.perf_counter()
+            for i, (images, labels) in enumerate(loader):
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                window_start = (i // cfg.grad_accum) * step_images  # images in this optimiser step
+                in_step = min(window_start + step_images, num_images) - window_start
+                with autocast(cfg, device):
+                    logits = forward_model(images)
+                loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+                if not torch.isfinite(loss):
+                    raise non_finite(loss, epoch, state["step"], out_dir)
+                (loss / in_step).backward()
+                loss_sum += loss.item()
+                seen += labels.numel()
+                if (i + 1) % cfg.grad_accum == 0 or i + 1 == micro_batches:
+                    lr = cfg.effective_lr * lr_factor(state["step"], warmup_steps, total_steps)
+                    set_lr(optimizer, lr)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state["step"] += 1
+                elapsed = time.perf_counter() - tick
+                bar.update(task, advance=1, loss=loss_sum / seen, lr=lr, ips=seen / max(elapsed, 1e-9))
+            elapsed = time.perf_counter() - tick
+            state["train_time_s"] += elapsed
+            state["images"] += seen
+            record: dict[str, Any] = {
+                "epoch": epoch + 1, "step": state["step"], "train_loss": loss_sum / seen, "lr": lr,
+                "val_top1": None, "val_loss": None, "images_per_s": seen / elapsed,
+            }
+            if has_val and (epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
+                val = evaluate(model, data.val, cfg)
+                record.update(val_top1=val["top1"], val_loss=val["loss"])
+            state["curve"].append(record)
+            state["epoch"] = epoch + 1
+            state["wall_time_s"] = time.perf_counter() - started
+            if out_dir is not None and is_main_process():
+                save_epoch(model, optimizer, data, cfg, out_dir, state)
+            if progress and is_main_process():
+                val_text = f"  val top-1 {record['val_top1']:.2f}%" if record["val_top1"] is not None else ""
+                bar.console.log(
+                    f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  lr {lr:.3g}{val_text}"
+                    f"  {record['images_per_s']:.0f} img/s"
+                )
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+
+    last = state["curve"][-1] if state["curve"] else {}
+    return {
+        "val_top1": last.get("val_top1"),
+        "val_loss": last.get("val_loss"),
+        "train_loss": last.get("train_loss"),
+        "epochs": state["epoch"],
+        "steps": state["step"],
+        "wall_time_s": time.perf_counter() - started,
+        "images_per_s": state["images"] / state["train_time_s"] if state["train_time_s"] else None,
+        "curve": state["curve"],
+    }
+
+
+def non_finite(loss: torch.Tensor, epoch: int, step: int, out_dir: Path | None) -> NonFiniteLossError:
+    kept = (
+        f"the last good checkpoint in {out_dir} (after epoch {epoch}) is kept"
+        if out_dir is not None and epoch > 0
+        else "no checkpoint was written"
+    )
+    return NonFiniteLossError(
+        f"training loss became {loss.item()} in epoch {epoch + 1} (after {step} optimiser steps): stopping; "
+        f"{kept}. Try a lower --lr, --precision fp32 or check the data"
+    )
+
+
+def check_run_folder(model: PromptModel, out_dir: Path) -> None:
+    """Refuse a run folder that already holds a run of another backbone, method or head."""
+    if not (out_dir / CONFIG_FILE).is_file():
+        return
+    run = read_run_config(out_dir)
+    check_compatible(run, model.backbone, out_dir)
+    saved, here = run["method_config"], model.config.to_dict()
+    if saved != here or run["num_classes"] != model.num_classes:
+        raise ValueError(
+            f"run folder {out_dir} holds a run of {saved} with {run['num_classes']} classes; this run is {here} "
+            f"with {model.num_classes} classes: choose another --out, or the same method options and data"
+        )
+
+
+def restore(model: PromptModel, optimizer: torch.optim.Optimizer, data: Any, cfg: TrainConfig, out_dir: Path) -> dict:
+    """Load the checkpoint into ``model`` and ``optimizer``, restore the RNGs, return the loop state."""
+    ckpt = load_checkpoint(out_dir)
+    saved = ckpt["train_config"]
+    diffs = [f"{key} {saved.get(key)!r} vs {getattr(cfg, key)!r}" for key in RESUME_MUST_MATCH if saved.get(key) != getattr(cfg, key)]
+    if ckpt.get("train_size") != len(data.train):
+        diffs.append(f"training images {ckpt.get('train_size')} vs {len(data.train)}")
+    if diffs:
+        raise ValueError(
+            f"cannot resume {out_dir}: its checkpoint was made with other settings ({'; '.join(diffs)}); "
+            "resume with the original settings or start a new run folder"
+        )
+    model.load_tuned_state_dict(ckpt["model"], source=str(out_dir / CHECKPOINT_FILE))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["loop"]
+
+
+def save_epoch(model: PromptModel, optimizer: torch.optim.Optimizer, data: Any, cfg: TrainConfig, out_dir: Path, state: dict) -> None:
+    """Write the tuned weights, the checkpoint and the curve; refuse to overwrite them with non-finite weights."""
+    bad = [name for name, t in model.tuned_state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteLossError(
+            f"tuned tensors {bad[:3]} became NaN or infinite in epoch {state['epoch']}: stopping; the last good "
+            f"checkpoint in {out_dir} is kept. Try a lower --lr or --precision fp32"
+        )
+    model.save_pretrained(out_dir)
+    save_checkpoint(out_dir, {
+        "model": {name: t.cpu() for name, t in model.tuned_state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "loop": state,
+        "train_config": cfg.to_dict(),
+        "train_size": len(data.train),
+        "rng": rng_state(),
+    })
+    write_curve(out_dir / CURVE_FILE, state["curve"])
+
+
+def write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in curve:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CURVE_FIELDS})
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(buffer.getvalue())
+    os.replace(tmp, path)

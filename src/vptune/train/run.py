@@ -1,0 +1,145 @@
+"""Runs as a user sees them: train one from names (``train_run``, behind ``vptune train`` and
+the sweep), load one back (``load_run``), evaluate it (``evaluate_run``) and classify images
+with it (``predict_files``).
+
+A run folder holds the tuned weights and config (``PromptModel.save_pretrained``; the
+metadata records class names, data, backbone and training settings), ``metrics.json``,
+``curve.csv`` and, while training, ``checkpoint.pt`` (removed once the run is complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.data import resolve_data_config
+
+from ..backbones import BUNDLED_BACKBONE, load_backbone
+from ..flops import extra_flops
+from ..methods import config_for
+from ..model import PromptModel, read_run_config
+from .checkpoint import CHECKPOINT_FILE
+from .config import TrainConfig
+from .loop import evaluate, fit, is_main_process
+
+METRICS_FILE = "metrics.json"
+
+
+def train_run(
+    backbone: str,
+    method: str,
+    method_options: dict[str, Any],
+    data: str,
+    out: Path,
+    cfg: TrainConfig,
+    *,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+    final: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Build backbone, data and PromptModel, fit, evaluate on val and test, write the run folder.
+
+    Returns the metrics written to ``out/metrics.json``. With ``resume``, a killed run continues
+    from its checkpoint, and a finished one returns its metrics unchanged.
+    """
+    from ..data import build_data
+
+    out = Path(out)
+    if resume and (out / METRICS_FILE).is_file() and not (out / CHECKPOINT_FILE).is_file():
+        return json.loads((out / METRICS_FILE).read_text())
+    config = config_for(method, **method_options)
+    net = load_backbone(backbone, weights=weights, pretrained=pretrained)
+    data_config = resolve_data_config(model=net)
+    bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images)
+    torch.manual_seed(cfg.seed)
+    model = PromptModel(net, config, bundle.num_classes)
+    model.metadata.update(
+        class_names=list(bundle.class_names),
+        data=data,
+        final=final,
+        data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        backbone={"spec": backbone, "weights": None if weights is None else str(Path(weights).resolve()), "pretrained": pretrained},
+    )
+    result = fit(model, bundle, cfg, out, resume=resume, progress=progress)
+    test = evaluate(model, bundle.test, cfg) if bundle.test is not None and len(bundle.test) else None
+    tuned, frozen = model.num_tuned_parameters(), model.num_backbone_parameters()
+    metrics = {
+        "method": config.method_name(),
+        "method_config": config.to_dict(),
+        "backbone": backbone,
+        "data": data,
+        "final": final,
+        "val_top1": result["val_top1"],
+        "val_loss": result["val_loss"],
+        "test_top1": None if test is None else test["top1"],
+        "test_loss": None if test is None else test["loss"],
+        "train_loss": result["train_loss"],
+        "tuned_params": tuned,
+        "backbone_params": frozen,
+        "tuned_percent": 100.0 * tuned / frozen,
+        "extra_gflops": extra_flops(model) / 1e9,
+        "epochs": result["epochs"],
+        "steps": result["steps"],
+        "wall_time_s": result["wall_time_s"],
+        "images_per_s": result["images_per_s"],
+        "train_images": len(bundle.train),
+        "skipped_images": len(bundle.skipped),
+        "train_config": cfg.to_dict(),
+    }
+    if is_main_process():
+        write_json(out / METRICS_FILE, metrics)
+        (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # complete: the run folder keeps only what serving needs
+    return metrics
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def load_run(
+    run: str | Path, backbone: str | None = None, *, weights: str | Path | None = None, pretrained: bool | None = None
+) -> PromptModel:
+    """The PromptModel saved in ``run``, on the backbone it recorded unless another is given."""
+    run = Path(run)
+    recorded = read_run_config(run).get("metadata", {}).get("backbone", {})
+    if backbone is None:
+        backbone = recorded.get("spec", BUNDLED_BACKBONE)
+        if weights is None and recorded.get("weights"):
+            weights = recorded["weights"]
+            if not Path(weights).is_file():
+                raise FileNotFoundError(
+                    f"{run} was trained on backbone {backbone} with weights {weights}, which no longer exists: "
+                    "pass --weights FILE (and --backbone SPEC)"
+                )
+    if pretrained is None:
+        pretrained = bool(recorded.get("pretrained")) and weights is None
+    net = load_backbone(backbone, weights=weights, pretrained=pretrained)
+    return PromptModel.from_pretrained(net, run)
+
+
+def evaluate_run(model: PromptModel, data: str, split: str = "test", *, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
+    """Top-1 and loss of a loaded run on one split of ``data``; its classes must be the run's."""
+    from ..data import build_data
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    bundle = build_data(data, resolve_data_config(model=model.backbone))
+    names = model.metadata.get("class_names")
+    if bundle.num_classes != model.num_classes or (names is not None and list(bundle.class_names) != list(names)):
+        raise ValueError(
+            f"{data} has {bundle.num_classes} classes {list(bundle.class_names)[:6]}...; the run was trained on "
+            f"{model.num_classes} classes {list(names or [])[:6]}...: evaluate it on the data it was trained for"
+        )
+    dataset = getattr(bundle, split)
+    if dataset is None or len(dataset) == 0:
+        raise ValueError(f"{data} has no {split} split")
+    cfg = TrainConfig(batch_size=batch_size, device=device)
+    model.to(cfg.torch_device())
+    return {"split": split, **evaluate(model, dataset, cfg)}

@@ -1,0 +1,171 @@
+"""The training engine: schedule, parameter groups, gradient accumulation, resume, NaN
+handling, run-folder checks and the files a run writes."""
+
+import csv
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import tiny_vit
+from safetensors.torch import load_file
+from torch.utils.data import Dataset
+
+from vptune import config_for, prompt_model
+from vptune.train import NonFiniteLossError, TrainConfig, build_optimizer, fit, lr_factor, param_groups
+from vptune.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+
+
+class Blobs(Dataset):
+    """Images whose class sets the mean of one colour channel: learnable in a few steps."""
+
+    def __init__(self, n: int, num_classes: int = 3, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, num_classes, (n,), generator=g)
+        self.images = torch.randn(n, 3, 32, 32, generator=g) * 0.5
+        self.images[torch.arange(n), self.labels % 3] += 1.0 + self.labels[:, None, None] * 0.5
+        self.poison = False
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        image = self.images[i] * (float("nan") if self.poison else 1.0)
+        return image, int(self.labels[i])
+
+
+def bundle(n_train: int = 14, n_val: int = 6, num_classes: int = 3):
+    return SimpleNamespace(
+        train=Blobs(n_train, num_classes, seed=0), val=Blobs(n_val, num_classes, seed=1),
+        test=Blobs(n_val, num_classes, seed=2), num_classes=num_classes,
+        class_names=[f"c{i}" for i in range(num_classes)], skipped=[], spec="blobs",
+    )
+
+
+def model_for(method: str = "vpt-deep", seed: int = 0, **options):
+    torch.manual_seed(seed)
+    return prompt_model(tiny_vit(), config_for(method, **options), num_classes=3)
+
+
+def cfg(**overrides) -> TrainConfig:
+    base = dict(epochs=2, batch_size=4, lr=0.05, weight_decay=1e-3, warmup_epochs=1, seed=3, device="cpu")
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine():
+    warmup, total = 4, 12
+    factors = [lr_factor(s, warmup, total) for s in range(total)]
+    assert factors[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert factors[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+    assert lr_factor(0, 0, 10) == 1.0  # no warm-up: cosine from the peak
+
+
+def test_weight_decay_skips_biases_norms_and_1d_but_not_prompts():
+    model = model_for("vpt-deep")
+    decay, no_decay = (set(map(id, g["params"])) for g in param_groups(model, 0.1))
+    named = model.tuned_parameters()
+    assert id(named["method.prompt_embeddings"]) in decay  # the VPT recipe decays prompts too
+    assert {n for n, p in named.items() if id(p) in decay} == {n for n, p in named.items() if p.ndim >= 2}
+    assert id(named["head.bias"]) in no_decay
+
+    full = model_for("full")
+    shapes = {n: p.ndim for n, p in full.named_parameters()}
+    names = {id(p): n for n, p in full.named_parameters()}
+    no_decay_names = {names[id(p)] for p in param_groups(full, 0.1)[1]["params"]}
+    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.blocks.0.norm1.weight"} <= no_decay_names
+    assert {n for n in no_decay_names if shapes[n] > 1} == {"backbone.pos_embed", "backbone.cls_token"}
+
+
+def test_only_tuned_parameters_reach_the_optimiser():
+    model = model_for("vpt-deep")
+    optimised = {id(p) for g in build_optimizer(model, cfg()).param_groups for p in g["params"]}
+    assert optimised == {id(p) for p in model.tuned_parameters().values()}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_gradient_accumulation_equals_the_big_batch(optimizer):
+    data = bundle(n_train=14)  # steps of 8 then 6 images: the last window is partial
+    big, small = model_for("vpt-deep", num_prompts=2), model_for("vpt-deep", num_prompts=2)
+    fit(big, data, cfg(batch_size=8, grad_accum=1, optimizer=optimizer), progress=False)
+    fit(small, data, cfg(batch_size=4, grad_accum=2, optimizer=optimizer), progress=False)
+    for name, tensor in big.tuned_state_dict().items():
+        torch.testing.assert_close(small.tuned_state_dict()[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+class Kill(Exception):
+    pass
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
+    data = bundle()
+    settings = cfg(epochs=3, eval_every=1)
+    straight = model_for("e2vpt", num_prompts=2, num_kv_prompts=2, dropout=0.2)  # dropout draws from the RNG
+    expected = fit(straight, data, settings, tmp_path / "straight", progress=False)
+
+    def kill_after_epoch_2(record):
+        if record["epoch"] == 2:
+            raise Kill
+
+    with pytest.raises(Kill):
+        fit(model_for("e2vpt", num_prompts=2, num_kv_prompts=2, dropout=0.2), data, settings, tmp_path / "killed",
+            progress=False, on_epoch_end=kill_after_epoch_2)
+    assert load_checkpoint(tmp_path / "killed")["loop"]["epoch"] == 2
+    torch.manual_seed(123)  # a different process state: the checkpoint must restore everything
+    resumed_model = model_for("e2vpt", seed=7, num_prompts=2, num_kv_prompts=2, dropout=0.2)
+    resumed = fit(resumed_model, data, settings, tmp_path / "killed", resume=True, progress=False)
+
+    for name, tensor in straight.tuned_state_dict().items():
+        assert torch.equal(resumed_model.tuned_state_dict()[name], tensor), name
+    drop_speed = lambda curve: [{k: v for k, v in row.items() if k != "images_per_s"} for row in curve]  # noqa: E731
+    assert drop_speed(resumed["curve"]) == drop_speed(expected["curve"])
+    assert resumed["val_top1"] == expected["val_top1"] and resumed["steps"] == expected["steps"]
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    data = bundle()
+    with pytest.raises(Kill):
+        fit(model_for(), data, cfg(), tmp_path, progress=False, on_epoch_end=lambda r: (_ for _ in ()).throw(Kill))
+    with pytest.raises(ValueError, match="lr 0.05 vs 0.1"):
+        fit(model_for(), data, cfg(lr=0.1), tmp_path, resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        fit(model_for(), data, cfg(), tmp_path / "empty", resume=True, progress=False)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = bundle()
+    model = model_for("vpt-deep", num_prompts=2)
+
+    def poison(record):
+        data.train.poison = True
+        poison.good = {k: v.clone() for k, v in model.tuned_state_dict().items()}
+
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan in epoch 2.*last good checkpoint .* \(after epoch 1\) is kept"):
+        fit(model, data, cfg(epochs=3), tmp_path, progress=False, on_epoch_end=poison)
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["loop"]["epoch"] == 1
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    for name, tensor in poison.good.items():
+        assert torch.equal(checkpoint["model"][name], tensor) and torch.equal(saved[name], tensor)
+
+
+def test_a_run_folder_of_another_method_or_backbone_is_refused(tmp_path):
+    data = bundle()
+    fit(model_for("vpt-deep", num_prompts=2), data, cfg(epochs=1), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="holds a run of .*vpt-deep.*this run is .*e2vpt"):
+        fit(model_for("e2vpt"), data, cfg(epochs=1), tmp_path, progress=False)
+    other = prompt_model(tiny_vit(depth=2), config_for("vpt-deep", num_prompts=2), 3)
+    with pytest.raises(ValueError, match="mismatch in depth 3 vs 2"):
+        fit(other, data, cfg(epochs=1), tmp_path, progress=False)
+
+
+def test_fit_writes_weights_curve_and_checkpoint(tmp_path):
+    data = bundle()
+    result = fit(model_for("vpt-shallow", num_prompts=2), data, cfg(epochs=2, eval_every=0), tmp_path, progress=False)
+    rows = list(csv.DictReader((tmp_path / "curve.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["4", "8"]
+    assert rows[0]["val_top1"] == "" and float(rows[1]["val_top1"]) == pytest.approx(result["val_top1"])
+    assert set(rows[0]) == {"epoch", "step", "train_loss", "lr", "val_top1", "val_loss", "images_per_s"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["metadata"]["train_config"]["epochs"] == 2
+    assert (tmp_path / CHECKPOINT_FILE).is_file() and not list(tmp_path.glob("*.tmp"))
