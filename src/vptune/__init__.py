@@ -21,11 +21,12 @@ from .methods import (
     config_from_dict,
 )
 from .model import PromptModel, prompt_model
+from .serve import MultiTaskModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "APTConfig", "BiasConfig", "E2VPTConfig", "FullConfig", "LinearConfig", "LoRAConfig", "METHOD_NAMES",
-    "MLPConfig", "MethodConfig", "PartialConfig", "PromptModel", "VPTConfig", "config_for", "config_from_dict",
+    "MLPConfig", "MethodConfig", "MultiTaskModel", "PartialConfig", "PromptModel", "VPTConfig", "config_for", "config_from_dict",
     "prompt_model",
 ]

@@ -1,0 +1,146 @@
+"""MultiTaskModel: a batch mixing tasks gives each sample its own PromptModel's logits."""
+
+import pytest
+import torch
+from conftest import tiny_vit
+
+from vptune import MultiTaskModel, PromptModel, config_for
+
+# Task name -> (method, options, classes): different methods, prompt counts and prompt paths.
+RUNS = {
+    "deep3": ("vpt-deep", dict(num_prompts=3), 4),
+    "deep5-tokens": ("vpt-deep", dict(num_prompts=5, path="tokens"), 3),
+    "shallow4": ("vpt-shallow", dict(num_prompts=4), 5),
+    "subset": ("vpt-deep", dict(num_prompts=2, layers=(0, 1)), 2),  # kv, carried tokens, then late kv
+    "late": ("vpt-deep", dict(num_prompts=3, layers=(1,), prompt_dim=8), 3),
+    "add": ("vpt-deep", dict(location="add"), 4),
+    "e2vpt": ("e2vpt", dict(num_prompts=2, num_kv_prompts=3), 6),
+    "e2vpt-shared": ("e2vpt", dict(num_prompts=6, num_kv_prompts=1, shared_kv=True), 2),
+    "apt": ("apt", dict(num_prompts=5, rank=2), 3),
+    "linear": ("linear", dict(), 7),
+    "mlp": ("mlp", dict(hidden_layers=1), 2),
+}
+
+
+def make_run(backbone, method, options, classes, folder, seed):
+    """A saved run with random (non-initial) tuned tensors, so every task differs."""
+    torch.manual_seed(seed)
+    model = PromptModel(backbone, config_for(method, **options), classes)
+    with torch.no_grad():
+        for param in model.tuned_parameters().values():
+            param.add_(torch.randn_like(param) * 0.2)
+    model.metadata["class_names"] = [f"{method}-{i}" for i in range(classes)]
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path, arch):
+    backbone = tiny_vit(arch)
+    folders = {
+        name: make_run(backbone, method, options, classes, tmp_path / name, seed)
+        for seed, (name, (method, options, classes)) in enumerate(RUNS.items())
+    }
+    return backbone, folders
+
+
+def images(n, seed=3):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(backbone, folder, x):
+    with torch.no_grad():
+        return PromptModel.from_pretrained(backbone, folder).eval()(x)
+
+
+def test_mixed_batch_matches_each_tasks_own_model(runs):
+    backbone, folders = runs
+    model = MultiTaskModel(backbone, folders)
+    names = list(folders)
+    tasks = [names[j % len(names)] for j in range(2 * len(names) + 3)]  # every task, some three times
+    x = images(len(tasks))
+    out = model(x, tasks)
+    for name in names:
+        rows = [j for j, t in enumerate(tasks) if t == name]
+        expected = reference(backbone, folders[name], x[rows])
+        got = torch.stack([out[j] for j in rows])
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0, msg=f"task {name}")
+
+
+@pytest.mark.parametrize("arch", ["cls-token"])
+def test_single_task_batches_and_cache(runs):
+    backbone, folders = runs
+    model = MultiTaskModel(backbone, folders)
+    x = images(3)
+    for name, folder in folders.items():
+        first = torch.stack(model(x, name))
+        torch.testing.assert_close(first, reference(backbone, folder, x), atol=1e-5, rtol=0, msg=f"task {name}")
+        torch.testing.assert_close(torch.stack(model(x, name)), first, atol=0, rtol=0)  # from the cached bank
+
+
+@pytest.mark.parametrize("arch", ["cls-token"])
+def test_add_and_remove_tasks(runs):
+    backbone, folders = runs
+    model = MultiTaskModel(backbone, {"deep3": folders["deep3"]})
+    x = images(4)
+    model.add_task("apt", folders["apt"])
+    assert model.task_names == ["apt", "deep3"]
+    out = model(x, ["apt", "deep3", "apt", "deep3"])
+    torch.testing.assert_close(torch.stack(out[::2]), reference(backbone, folders["apt"], x[::2]), atol=1e-5, rtol=0)
+    assert model.task("apt").labels == ["apt-0", "apt-1", "apt-2"]
+    with pytest.raises(ValueError, match="already loaded"):
+        model.add_task("apt", folders["apt"])
+    model.remove_task("deep3")
+    assert model.task_names == ["apt"]
+    with pytest.raises(KeyError, match="no task 'deep3'; loaded tasks: apt"):
+        model(x, "deep3")
+    model.add_task("deep3", folders["shallow4"])  # a name can be reused for another run
+    torch.testing.assert_close(torch.stack(model(x, "deep3")), reference(backbone, folders["shallow4"], x), atol=1e-5, rtol=0)
+    with pytest.raises(KeyError):
+        model.remove_task("nope")
+
+
+@pytest.mark.parametrize("arch", ["cls-token"])
+def test_masked_prompts_through_key_bias(runs):
+    """A pruning mask expressed as the method's prompt key bias is honoured per task."""
+    backbone, folders = runs
+    masked = PromptModel.from_pretrained(backbone, folders["e2vpt-shared"]).eval()
+    if not hasattr(masked.method, "set_masks"):
+        pytest.skip("this tree has no prompt masks")
+    masked.method.set_masks(torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0]))
+    model = MultiTaskModel(backbone, {"deep3": folders["deep3"]})
+    model.add_model("pruned", masked)
+    x = images(4)
+    out = model(x, ["pruned", "deep3", "pruned", "pruned"])
+    with torch.no_grad():
+        expected = masked(x[[0, 2, 3]])
+    torch.testing.assert_close(torch.stack([out[0], out[2], out[3]]), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["cls-token"])
+@pytest.mark.parametrize("method", ["bias", "lora", "full", "partial"])
+def test_refuses_methods_that_tune_the_backbone(runs, tmp_path, method):
+    backbone, _ = runs
+    folder = make_run(backbone, method, {}, 3, tmp_path / method, seed=0)
+    model = MultiTaskModel(backbone)
+    with pytest.raises(ValueError, match=rf"\({method}\) cannot join a mixed-task batch: .*Serve it on its own"):
+        model.add_task("x", folder)
+    with pytest.raises(ValueError, match="cannot share this backbone's pass"):
+        model.add_model("x", PromptModel(backbone, config_for(method), 3))
+
+
+@pytest.mark.parametrize("arch", ["cls-token"])
+def test_refuses_other_backbones_bad_names_and_folders(runs, tmp_path):
+    backbone, folders = runs
+    other = tiny_vit("cls-token", embed_dim=24)
+    with pytest.raises(ValueError, match="was trained on .* mismatch in embed_dim 48 vs 24"):
+        MultiTaskModel(other, {"deep3": folders["deep3"]})
+    model = MultiTaskModel(backbone)
+    for name in ["../etc", "a/b", "", ".hidden", "x" * 65, "a.b"]:
+        with pytest.raises(ValueError, match="invalid task name"):
+            model.add_task(name, folders["deep3"])
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        model.add_task("empty", tmp_path)
+    with pytest.raises(ValueError, match="2 images but 1 task names"):
+        model(images(2), ["deep3"])
