@@ -122,3 +122,46 @@ def train(
         table.add_row(key, "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
     console.print(f"run folder: {out}")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    run: Path = typer.Option(..., help="Run folder written by vptune train."),
+    data: str = typer.Option(..., help="Data SPEC with the run's classes."),
+    split: str = typer.Option("test", help="test, val or train."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone SPEC (default: the one the run recorded)."),
+    weights: Optional[Path] = typer.Option(None, help="Local backbone weights (default: the ones the run recorded)."),
+    batch_size: int = typer.Option(256, help="Images per batch."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Top-1 accuracy of a run folder on one split of a dataset."""
+    from vptune.train import evaluate_run, load_run
+
+    result = evaluate_run(load_run(run, backbone, weights=weights), data, split, batch_size=batch_size, device=device)
+    console.print(f"{run} on {data} [{split}]: top-1 [bold]{result['top1']:.2f}%[/]  loss {result['loss']:.4f}  ({result['count']} images)")
+
+
+@app.command()
+@user_errors
+def predict(
+    run: Path = typer.Option(..., help="Run folder written by vptune train."),
+    images: list[Path] = typer.Argument(..., help="Image files to classify."),
+    top_k: int = typer.Option(3, help="Labels to show per image."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone SPEC (default: the one the run recorded)."),
+    weights: Optional[Path] = typer.Option(None, help="Local backbone weights (default: the ones the run recorded)."),
+) -> None:
+    """Top-k labels with probabilities for each image; unreadable files are reported, not fatal."""
+    from vptune.train import load_run, predict_files
+
+    results = predict_files(load_run(run, backbone, weights=weights), images, top_k=top_k)
+    for result in results:
+        if "error" in result:
+            err_console.print(f"[red]{result['file']}: {result['error']}[/]", highlight=False, soft_wrap=True)
+        else:
+            labels = ", ".join(f"[bold]{name}[/] ({p:.1%})" for name, p in result["top"])
+            console.print(f"{result['file']}: {labels}", highlight=False, soft_wrap=True)
+    failed = sum("error" in r for r in results)
+    if failed:
+        err_console.print(f"[bold red]error:[/] {failed} of {len(results)} images could not be read")
+        raise typer.Exit(1)

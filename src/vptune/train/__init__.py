@@ -4,9 +4,9 @@ checkpoints, and whole runs driven by names (``run.train_run``)."""
 from .config import TrainConfig
 from .loop import NonFiniteLossError, evaluate, fit
 from .optim import build_optimizer, lr_factor, param_groups
-from .run import evaluate_run, load_run, train_run
+from .run import evaluate_run, load_run, predict_files, train_run
 
 __all__ = [
     "NonFiniteLossError", "TrainConfig", "build_optimizer", "evaluate", "evaluate_run", "fit", "load_run",
-    "lr_factor", "param_groups", "train_run",
+    "lr_factor", "param_groups", "predict_files", "train_run",
 ]

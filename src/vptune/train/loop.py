@@ -201,7 +201,7 @@ def fit(
                 save_epoch(model, optimizer, data, cfg, out_dir, state)
             if progress and is_main_process():
                 val_text = f"  val top-1 {record['val_top1']:.2f}%" if record["val_top1"] is not None else ""
-                bar.console.log(
+                bar.console.print(
                     f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  lr {lr:.3g}{val_text}"
                     f"  {record['images_per_s']:.0f} img/s"
                 )

@@ -143,3 +143,37 @@ def evaluate_run(model: PromptModel, data: str, split: str = "test", *, batch_si
     cfg = TrainConfig(batch_size=batch_size, device=device)
     model.to(cfg.torch_device())
     return {"split": split, **evaluate(model, dataset, cfg)}
+
+
+def eval_transform(model: PromptModel):
+    """The preprocessing the run's evaluation used: FGVC's resize + centre crop, else a plain resize."""
+    from ..data.transforms import fgvc_transforms, resize_transform
+
+    data_config = resolve_data_config(model=model.backbone)
+    if str(model.metadata.get("data", "")).startswith("fgvc:"):
+        return fgvc_transforms(data_config)[1]
+    return resize_transform(data_config)
+
+
+@torch.no_grad()
+def predict_files(model: PromptModel, files: list[str | Path], top_k: int = 5) -> list[dict[str, Any]]:
+    """Top-k labels with probabilities for each image file; an unreadable file gets an ``error``
+    entry instead, so one bad file does not stop the others."""
+    from PIL import Image, UnidentifiedImageError
+
+    transform = eval_transform(model)
+    names = model.metadata.get("class_names") or [str(i) for i in range(model.num_classes)]
+    device = next(model.parameters()).device
+    model.eval()
+    results = []
+    for file in map(Path, files):
+        try:
+            with Image.open(file) as image:
+                tensor = transform(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            results.append({"file": str(file), "error": f"cannot read {file} as an image ({type(err).__name__}: {err})"})
+            continue
+        probs = model(tensor[None].to(device)).float().softmax(dim=1)[0]
+        values, indices = probs.topk(min(top_k, model.num_classes))
+        results.append({"file": str(file), "top": [(names[i], p) for p, i in zip(values.tolist(), indices.tolist())]})
+    return results

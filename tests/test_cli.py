@@ -1,0 +1,138 @@
+"""The train, eval and predict commands end to end through typer's CliRunner, on the bundled
+architecture with random weights and a tiny image folder."""
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from vptune.backbones.bundled import build_bundled
+from vptune.cli import app
+
+runner = CliRunner()
+COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Random bundled-backbone weights and an image folder with train/val/test splits of two classes."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    save_file(build_bundled().state_dict(), str(root / "backbone.safetensors"))
+    for split, count in (("train", 6), ("val", 2), ("test", 2)):
+        for name, colour in COLOURS.items():
+            folder = root / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                shade = tuple(min(255, c + 8 * i) for c in colour)
+                Image.new("RGB", (20, 20), shade).save(folder / f"{i}.png")
+    return root
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def train_args(workspace, out, *extra):
+    return (
+        "train", "--method", "vpt-deep", "--num-prompts", 2, "--data", f"imagefolder:{workspace / 'images'}",
+        "--out", out, "--weights", workspace / "backbone.safetensors", "--epochs", 2, "--batch-size", 4,
+        "--lr", 0.05, "--warmup-epochs", 1, "--device", "cpu", *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(workspace):
+    out = workspace / "run"
+    result = invoke(*train_args(workspace, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_train_writes_weights_metrics_and_curve(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for key in ("val_top1", "test_top1", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s",
+                "images_per_s", "method", "backbone", "data", "epochs", "skipped_images"):
+        assert key in metrics, key
+    assert metrics["method"] == "vpt-deep" and metrics["epochs"] == 2 and metrics["skipped_images"] == 0
+    assert metrics["tuned_params"] == 6 * 2 * 192 + 192 * 2 + 2  # prompts in 6 blocks + head
+    assert metrics["tuned_percent"] == pytest.approx(100 * metrics["tuned_params"] / metrics["backbone_params"])
+    assert metrics["extra_gflops"] > 0
+    rows = list(csv.DictReader((trained / "curve.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and [int(r["step"]) for r in rows] == [3, 6]
+    config = json.loads((trained / "config.json").read_text())
+    assert config["metadata"]["class_names"] == ["blue", "red"]
+    assert config["metadata"]["backbone"]["spec"] == "vptune_vit_fmnist"
+    assert not (trained / "checkpoint.pt").exists()  # a complete run keeps only what serving needs
+
+
+def test_eval_reproduces_the_runs_own_val_accuracy(trained, workspace):
+    result = invoke("eval", "--run", trained, "--data", f"imagefolder:{workspace / 'images'}", "--split", "val")
+    assert result.exit_code == 0, result.output
+    val_top1 = json.loads((trained / "metrics.json").read_text())["val_top1"]
+    assert f"top-1 {val_top1:.2f}%" in result.output
+
+
+def test_predict_lists_labels_and_names_a_corrupt_file(trained, workspace, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    good = workspace / "images" / "test" / "red" / "0.png"
+    result = runner.invoke(app, ["predict", "--run", str(trained), "--top-k", "2", str(good), str(bad)], terminal_width=300)
+    assert result.exit_code == 1
+    assert "0.png" in result.output and "red (" in result.output and "blue (" in result.output
+    assert "cannot read" in result.output and "broken.png" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_resume_of_a_finished_run_returns_its_metrics(trained, workspace):
+    before = (trained / "metrics.json").read_text()
+    result = invoke(*train_args(workspace, trained, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert (trained / "metrics.json").read_text() == before
+
+
+def test_a_run_folder_of_another_method_is_refused(trained, workspace):
+    args = list(train_args(workspace, trained))
+    args[args.index("--method") + 1] = "e2vpt"
+    result = runner.invoke(app, [str(a) for a in args], terminal_width=300)
+    assert result.exit_code == 1
+    assert "holds a run of" in result.output and "Traceback" not in result.output
+
+
+def test_eval_refuses_a_backbone_of_another_architecture(trained, workspace):
+    result = invoke("eval", "--run", trained, "--data", f"imagefolder:{workspace / 'images'}", "--backbone", "vit_tiny_patch16_224")
+    assert result.exit_code == 1
+    assert "mismatch in" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--method", "linear", "--num-prompts", "5"), "method 'linear' has no option --num-prompts"),
+        (("--method", "vpt-deep", "--option", "deep_prompts=1"), "has no option --deep-prompts"),
+        (("--method", "vpt-deep", "--path", "sideways"), "path must be 'kv' or 'tokens'"),
+        (("--method", "prompt-magic"), "unknown method 'prompt-magic'"),
+        (("--method", "linear", "--optimizer", "lion"), "optimizer must be 'sgd' or 'adamw'"),
+    ],
+)
+def test_bad_options_are_one_clear_line(args, message, tmp_path):
+    result = runner.invoke(app, ["train", *args, "--data", "imagefolder:/nowhere", "--out", str(tmp_path)], terminal_width=300)
+    assert result.exit_code == 1
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_missing_data_folder_is_one_clear_line(workspace, tmp_path):
+    args = list(train_args(workspace, tmp_path / "run"))
+    args[args.index("--data") + 1] = f"imagefolder:{tmp_path / 'missing'}"
+    result = runner.invoke(app, [str(a) for a in args], terminal_width=300)
+    assert result.exit_code == 1 and "no such folder" in result.output and "Traceback" not in result.output
+
+
+def test_a_diverging_run_stops_with_a_non_zero_exit(workspace, tmp_path):
+    result = runner.invoke(app, [str(a) for a in train_args(workspace, tmp_path / "run", "--lr", "1e38")], terminal_width=300)
+    assert result.exit_code == 1
+    assert "loss became" in result.output and "Traceback" not in result.output
