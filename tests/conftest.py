@@ -3,6 +3,8 @@
 import pytest
 import torch
 import vptune  # noqa: F401  (installs the torchvision shim before timm)
+import timm
+from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
 torch.set_num_threads(2)
@@ -21,11 +23,31 @@ ARCHITECTURES = {
 }
 
 
+
+class GatedAttention(Attention):
+    """timm's Attention with its sigmoid output gate and a head width other than d / heads."""
+
+    def __init__(self, dim: int, **kwargs) -> None:
+        super().__init__(dim, gated=True, attn_head_dim=8, **kwargs)
+
+
+# Rarer variants that the core's own tests cover too (kept out of the ``arch`` fixture).
+MORE_ARCHITECTURES = {
+    # no qkv bias, norms inside attention and MLP, gated attention, head_dim != d / heads
+    "gated-scalenorm": dict(qkv_bias=False, scale_attn_norm=True, scale_mlp_norm=True, attn_layer=GatedAttention),
+    # built by timm.create_model from a registered name, with small overrides
+    "timm-vit_small": dict(timm_name="vit_small_patch16_224"),
+}
+
+
 def tiny_vit(name: str = "cls-token", seed: int = 0, **overrides) -> VisionTransformer:
     torch.manual_seed(seed)
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7)
-    kwargs.update(ARCHITECTURES[name])
+    kwargs.update(ARCHITECTURES[name] if name in ARCHITECTURES else MORE_ARCHITECTURES[name])
     kwargs.update(overrides)
+    timm_name = kwargs.pop("timm_name", None)
+    if timm_name is not None:
+        return timm.create_model(timm_name, pretrained=False, **kwargs).eval()
     return VisionTransformer(**kwargs).eval()
 
 

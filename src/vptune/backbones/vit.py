@@ -135,9 +135,10 @@ def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method) -> Tensor
             if cache_ok and fresh and carried.shape[0] == 1:
                 key = (i, carried.device, carried.dtype, _autocast_state(carried.device))
                 hit = method.kv_cache.get(key)
-                if hit is None or hit[0] != version:
-                    hit = method.kv_cache[key] = (version, prompt_keys_values(block, carried))
-                k, v = hit[1]
+                # Also compare the prompts' values: a change through ``.data`` bumps no version.
+                if hit is None or hit[0] != version or not torch.equal(hit[1], carried):
+                    hit = method.kv_cache[key] = (version, carried.clone(), prompt_keys_values(block, carried))
+                k, v = hit[2]
             else:
                 k, v = prompt_keys_values(block, carried)
             if kv is not None:
