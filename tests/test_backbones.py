@@ -1,0 +1,117 @@
+"""vptune.backbones loading: the bundled architecture and its shipped weights, timm names,
+and local weight files (round trips, a differing head, mismatches named clearly)."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from timm.data import resolve_data_config
+
+from vptune.backbones import BUNDLED_BACKBONE, load_backbone
+from vptune.backbones import loading
+from vptune.backbones.bundled import MEAN, STD, build_bundled, bundled_weights_path
+
+
+def test_bundled_architecture_and_data_config():
+    model = build_bundled()
+    assert model.pretrained_cfg["architecture"] == BUNDLED_BACKBONE
+    config = resolve_data_config(model=model)
+    assert config["input_size"] == (3, 32, 32) and config["mean"] == MEAN and config["std"] == STD
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (192, 6, 3)
+    assert model.patch_embed.patch_size == (4, 4) and model.num_prefix_tokens == 1 and model.global_pool == "token"
+    d, depth, tokens = 192, 6, (32 // 4) ** 2 + 1
+    per_block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    embed = 3 * 4 * 4 * d + d + d + tokens * d  # patch conv + bias, class token, position embedding
+    assert sum(p.numel() for p in model.parameters()) == embed + depth * per_block + 2 * d
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, d)  # no classifier head
+
+
+@pytest.mark.skipif(not bundled_weights_path().is_file(), reason="bundled weights not created yet (vptune pretrain)")
+def test_bundled_weights_load():
+    model = load_backbone()
+    shipped = load_file(str(bundled_weights_path()))
+    assert not model.training and set(shipped) == set(model.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in shipped.items())
+    assert bundled_weights_path().stat().st_size <= 20e6
+
+
+def test_missing_bundled_weights_says_how_to_create_them(monkeypatch, tmp_path):
+    monkeypatch.setattr(loading, "bundled_weights_path", lambda: tmp_path / "absent.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"absent.safetensors\).*vptune pretrain"):
+        load_backbone(BUNDLED_BACKBONE)
+
+
+def test_timm_name_and_unknown_name():
+    model = load_backbone("test_vit")
+    assert model.pretrained_cfg["architecture"] == "test_vit" and not model.training
+    with pytest.raises(ValueError, match=r"unknown backbone 'vit_nonexistent_xl'.*bundled 'vptune_vit_fmnist'"):
+        load_backbone("vit_nonexistent_xl")
+
+
+def trained(num_classes=1000, seed=1):
+    torch.manual_seed(seed)
+    model = timm.create_model("test_vit", num_classes=num_classes)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    return model
+
+
+def assert_same_backbone(a, b):
+    for key, value in a.state_dict().items():
+        if not key.startswith("head."):
+            assert torch.equal(value, b.state_dict()[key]), key
+
+
+def test_safetensors_round_trip(tmp_path):
+    source = trained()
+    save_file(source.state_dict(), str(tmp_path / "w.safetensors"))
+    loaded = load_backbone("test_vit", weights=tmp_path / "w.safetensors")
+    assert_same_backbone(source, loaded)
+    assert torch.equal(loaded.head.weight, source.head.weight)
+
+
+def test_pth_round_trip_nested_with_other_head(tmp_path):
+    source = trained(num_classes=5)
+    torch.save({"model": source.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")
+    loaded = load_backbone("test_vit", weights=str(tmp_path / "ckpt.pth"))
+    assert_same_backbone(source, loaded)
+    assert loaded.head.out_features == 1000  # a 5-class head in the file does not fit and is left out
+
+
+def test_bundled_architecture_takes_a_weights_file(tmp_path):
+    source = build_bundled(num_classes=10)
+    save_file(source.state_dict(), str(tmp_path / "pretrained.safetensors"))
+    assert_same_backbone(source, load_backbone(BUNDLED_BACKBONE, weights=tmp_path / "pretrained.safetensors"))
+
+
+def test_mismatched_file_names_file_and_keys(tmp_path):
+    state = trained().state_dict()
+    state.pop("blocks.0.norm1.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["blocks.1.mlp.fc1.bias"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError) as error:
+        load_backbone("test_vit", weights=tmp_path / "bad.safetensors")
+    message = str(error.value)
+    assert "bad.safetensors does not match backbone test_vit" in message
+    assert "missing: blocks.0.norm1.weight" in message and "unexpected: extra.weight" in message
+    assert "mis-shaped (file vs model): blocks.1.mlp.fc1.bias (3,)" in message
+
+
+def test_other_architecture_file_is_refused(tmp_path):
+    save_file(build_bundled().state_dict(), str(tmp_path / "bundled.safetensors"))
+    with pytest.raises(ValueError, match=r"bundled.safetensors does not match backbone test_vit"):
+        load_backbone("test_vit", weights=tmp_path / "bundled.safetensors")
+
+
+def test_bad_weight_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nothing.pth does not exist"):
+        load_backbone("test_vit", weights=tmp_path / "nothing.pth")
+    (tmp_path / "w.ckpt").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"unsupported weights file .*w.ckpt"):
+        load_backbone("test_vit", weights=tmp_path / "w.ckpt")
+    np.savez(tmp_path / "w.npz", unrelated=np.zeros(3))
+    with pytest.raises(ValueError, match=r"w.npz does not fit VisionTransformer as big_vision npz"):
+        load_backbone("test_vit", weights=tmp_path / "w.npz")
