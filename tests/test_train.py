@@ -169,3 +169,30 @@ def test_fit_writes_weights_curve_and_checkpoint(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["metadata"]["train_config"]["epochs"] == 2
     assert (tmp_path / CHECKPOINT_FILE).is_file() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_bf16_autocast_trains():
+    model = model_for("vpt-deep", num_prompts=2)
+    before = {k: v.clone() for k, v in model.tuned_state_dict().items()}
+    result = fit(model, bundle(), cfg(epochs=1, precision="bf16"), progress=False)
+    assert math.isfinite(result["train_loss"])
+    assert all(not torch.equal(before[k], v) for k, v in model.tuned_state_dict().items())
+    assert all(v.dtype == torch.float32 for v in model.tuned_state_dict().values())  # master weights stay fp32
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "expected"),
+    [
+        ("linear", {}, lambda n, d, depth: 0),
+        ("mlp", {"hidden_layers": 2}, lambda n, d, depth: 2 * (2 * d * d)),
+        # each block attends from N tokens to p more keys: QK^T and AV, 2 FLOPs per multiply-add
+        ("vpt-deep", {"num_prompts": 5}, lambda n, d, depth: depth * 2 * (2 * n * 5 * d)),
+        ("lora", {}, lambda n, d, depth: 0),  # merges into the weights
+    ],
+)
+def test_extra_flops_against_formulas(method, options, expected):
+    from vptune.flops import extra_flops
+
+    model = model_for(method, **options)
+    tokens = model.backbone.patch_embed.num_patches + model.backbone.num_prefix_tokens
+    assert extra_flops(model) == expected(tokens, model.backbone.embed_dim, len(model.backbone.blocks))

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -36,9 +37,8 @@ def user_errors(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ValueError, FileNotFoundError, TypeError, KeyError) as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+        except (ValueError, OSError, TypeError) as err:
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -104,6 +104,7 @@ def train(
 ) -> None:
     """Tune a method on a dataset and write the run folder."""
     from vptune.train import TrainConfig, train_run
+    from vptune.train.distributed import process_group_from_env
 
     options = method_options(
         method, dict(num_prompts=num_prompts, num_kv_prompts=num_kv_prompts, rank=rank, dropout=dropout, path=path), option
@@ -113,11 +114,20 @@ def train(
         warmup_epochs=warmup_epochs, scale_lr=scale_lr, precision=precision, seed=seed, grad_accum=grad_accum,
         eval_every=eval_every, num_workers=num_workers, skip_bad_images=skip_bad_images, device=device,
     )
-    metrics = train_run(
-        backbone, method, options, data, out, cfg, weights=weights, pretrained=pretrained, final=final, resume=resume
-    )
+    try:
+        with process_group_from_env(cfg.torch_device()) as main:  # DistributedDataParallel under torchrun
+            metrics = train_run(
+                backbone, method, options, data, out, cfg, weights=weights, pretrained=pretrained, final=final, resume=resume
+            )
+    except KeyboardInterrupt:
+        err_console.print(f"[bold red]interrupted:[/] the last checkpoint in {escape(str(out))} is kept; "
+                          "run the same command with --resume to continue", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    if not main:
+        return
     table = Table(title=f"{method} on {data}", show_header=False)
-    for key in ("val_top1", "test_top1", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s", "images_per_s"):
+    keys = ["val_top1", "test_top1", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s", "images_per_s"]
+    for key in keys + (["skipped_images"] if metrics.get("skipped_images") else []):
         value = metrics.get(key)
         table.add_row(key, "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
@@ -139,7 +149,10 @@ def eval_(
     from vptune.train import evaluate_run, load_run
 
     result = evaluate_run(load_run(run, backbone, weights=weights), data, split, batch_size=batch_size, device=device)
-    console.print(f"{run} on {data} [{split}]: top-1 [bold]{result['top1']:.2f}%[/]  loss {result['loss']:.4f}  ({result['count']} images)")
+    console.print(
+        f"{escape(str(run))} on {escape(data)} ({split}): top-1 [bold]{result['top1']:.2f}%[/]"
+        f"  loss {result['loss']:.4f}  ({result['count']} images)"
+    )
 
 
 @app.command()
@@ -157,39 +170,11 @@ def predict(
     results = predict_files(load_run(run, backbone, weights=weights), images, top_k=top_k)
     for result in results:
         if "error" in result:
-            err_console.print(f"[red]{result['file']}: {result['error']}[/]", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]{escape(result['error'])}[/]", highlight=False, soft_wrap=True)
         else:
-            labels = ", ".join(f"[bold]{name}[/] ({p:.1%})" for name, p in result["top"])
-            console.print(f"{result['file']}: {labels}", highlight=False, soft_wrap=True)
+            labels = ", ".join(f"[bold]{escape(name)}[/] ({p:.1%})" for name, p in result["top"])
+            console.print(f"{escape(result['file'])}: {labels}", highlight=False, soft_wrap=True)
     failed = sum("error" in r for r in results)
     if failed:
         err_console.print(f"[bold red]error:[/] {failed} of {len(results)} images could not be read")
         raise typer.Exit(1)
-
-
-# --- pretrain: the bundled backbone ---------------------------------------------------------
-
-
-@app.command()
-@user_errors
-def pretrain(
-    out: Optional[Path] = typer.Option(None, help="Folder for the weights and MODEL_CARD.md (default: the package's)."),
-    epochs: int = typer.Option(4, help="Passes over the 60,000 Fashion-MNIST training images."),
-    batch_size: int = typer.Option(128),
-    lr: float = typer.Option(1e-3, help="Peak AdamW learning rate."),
-    weight_decay: float = typer.Option(0.05),
-    warmup_steps: int = typer.Option(200),
-    label_smoothing: float = typer.Option(0.1),
-    seed: int = typer.Option(0),
-    threads: int = typer.Option(2, help="CPU threads."),
-    work_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the cache); a rerun resumes there."),
-) -> None:
-    """Pretrain the bundled backbone (vptune_vit_fmnist) on Fashion-MNIST and write its weights and model card."""
-    from vptune.backbones.bundled import bundled_weights_path
-    from vptune.backbones.pretrain import pretrain as run_pretrain
-
-    results = run_pretrain(
-        out or bundled_weights_path().parent, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        warmup_steps=warmup_steps, label_smoothing=label_smoothing, seed=seed, threads=threads, work_dir=work_dir,
-    )
-    console.print(f"Fashion-MNIST test top-1 {results['test_accuracy'] * 100:.2f}% in {results['wall_time_min']:.1f} min")

@@ -9,9 +9,9 @@ tuned weights, the checkpoint and the curve. Because the data order depends only
 (seed, epoch) and the checkpoint holds every RNG state, ``resume=True`` reproduces an
 uninterrupted run exactly.
 
-For DistributedDataParallel under torchrun, ``epoch_sampler`` is the place for a
-DistributedSampler, ``forward_model`` for the DDP wrapper, and every file write is already
-guarded by ``is_main_process``.
+Under torchrun (a process group joined, see ``distributed``) ``epoch_sampler`` gives each
+process its DistributedSampler share, ``forward_model`` is the DDP wrapper, losses and
+evaluation counts are summed over processes, and only the main process writes files.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from ..model import CONFIG_FILE, PromptModel, check_compatible, read_run_config
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
+from .distributed import all_sum, eval_shard, train_sampler, world_size, wrap
 from .optim import build_optimizer, lr_factor, set_lr
 
 CURVE_FILE = "curve.csv"
@@ -59,7 +60,9 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def epoch_sampler(dataset: Dataset, cfg: TrainConfig, epoch: int) -> Sampler:
-    """The order in which epoch ``epoch`` visits ``dataset`` (a DistributedSampler goes here)."""
+    """The order in which epoch ``epoch`` visits ``dataset``; under torchrun, this process's share."""
+    if world_size() > 1:
+        return train_sampler(dataset, cfg.seed, epoch)
     return RandomSampler(dataset, generator=epoch_generator(cfg.seed, epoch))
 
 
@@ -72,7 +75,6 @@ def make_loader(dataset: Dataset, cfg: TrainConfig, epoch: int, sampler: Sampler
         num_workers=cfg.num_workers,
         generator=epoch_generator(cfg.seed, epoch),  # seeds the workers' augmentation
         pin_memory=cfg.torch_device().type == "cuda",
-        persistent_workers=False,
     )
 
 
@@ -93,7 +95,7 @@ def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig | int = 256) -
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
-    for images, labels in make_loader(dataset, cfg, epoch=0):
+    for images, labels in make_loader(eval_shard(dataset), cfg, epoch=0):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(cfg, device):
             logits = model(images)
@@ -101,6 +103,7 @@ def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig | int = 256) -
         correct += (logits.argmax(dim=1) == labels).sum().item()
         count += labels.numel()
     model.train(was_training)
+    correct, loss_sum, count = all_sum([correct, loss_sum, count], device)
     if count == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     return {"top1": 100.0 * correct / count, "loss": loss_sum / count, "count": count}
@@ -130,7 +133,8 @@ def fit(
     model.to(device)
     model.metadata["train_config"] = cfg.to_dict()
     optimizer = build_optimizer(model, cfg)
-    forward_model = model  # the DistributedDataParallel wrapper goes here
+    forward_model = wrap(model, device)  # DistributedDataParallel under torchrun
+    peak_lr = cfg.effective_lr * (world_size() if cfg.scale_lr else 1)  # scale_lr counts every process's images
     micro_batches = math.ceil(len(epoch_sampler(data.train, cfg, 0)) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
     total_steps = cfg.epochs * steps_per_epoch
@@ -177,7 +181,7 @@ def fit(
                 loss_sum += loss.item()
                 seen += labels.numel()
                 if (i + 1) % cfg.grad_accum == 0 or i + 1 == micro_batches:
-                    lr = cfg.effective_lr * lr_factor(state["step"], warmup_steps, total_steps)
+                    lr = peak_lr * lr_factor(state["step"], warmup_steps, total_steps)
                     set_lr(optimizer, lr)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -185,6 +189,7 @@ def fit(
                 elapsed = time.perf_counter() - tick
                 bar.update(task, advance=1, loss=loss_sum / seen, lr=lr, ips=seen / max(elapsed, 1e-9))
             elapsed = time.perf_counter() - tick
+            loss_sum, seen = all_sum([loss_sum, seen], device)
             state["train_time_s"] += elapsed
             state["images"] += seen
             record: dict[str, Any] = {

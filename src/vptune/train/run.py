@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from timm.data import resolve_data_config
@@ -41,6 +41,7 @@ def train_run(
     final: bool = False,
     resume: bool = False,
     progress: bool = True,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Build backbone, data and PromptModel, fit, evaluate on val and test, write the run folder.
 
@@ -53,6 +54,7 @@ def train_run(
     if resume and (out / METRICS_FILE).is_file() and not (out / CHECKPOINT_FILE).is_file():
         return json.loads((out / METRICS_FILE).read_text())
     config = config_for(method, **method_options)
+    torch.manual_seed(cfg.seed)  # a timm backbone without weights is random: make it the same on --resume
     net = load_backbone(backbone, weights=weights, pretrained=pretrained)
     data_config = resolve_data_config(model=net)
     bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images)
@@ -65,7 +67,7 @@ def train_run(
         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         backbone={"spec": backbone, "weights": None if weights is None else str(Path(weights).resolve()), "pretrained": pretrained},
     )
-    result = fit(model, bundle, cfg, out, resume=resume, progress=progress)
+    result = fit(model, bundle, cfg, out, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
     test = evaluate(model, bundle.test, cfg) if bundle.test is not None and len(bundle.test) else None
     tuned, frozen = model.num_tuned_parameters(), model.num_backbone_parameters()
     metrics = {
