@@ -67,7 +67,8 @@ def eval_shard(dataset: Dataset) -> Dataset:
 
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """The model the training step runs: DDP over the tuned parameters when distributed."""
-    return model
+    if not is_distributed():
+        return model
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 

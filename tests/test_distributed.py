@@ -1,0 +1,99 @@
+"""DistributedDataParallel under torchrun: two CPU processes (gloo), each on half a batch, take
+the same optimiser step as one process on the whole batch; ``vptune train`` under torchrun
+writes its run folder once, from rank 0."""
+
+import json
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from vptune.train import TrainConfig, fit
+
+WORKER = '''
+import sys, types
+
+import torch
+import vptune
+from timm.models.vision_transformer import VisionTransformer
+from torch.utils.data import TensorDataset
+
+from vptune.train import TrainConfig, fit
+from vptune.train.distributed import process_group_from_env
+
+
+def setup(batch_size):
+    torch.manual_seed(0)
+    backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=0).eval()
+    model = vptune.prompt_model(backbone, vptune.config_for("vpt-deep", num_prompts=4), num_classes=5)
+    generator = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 5, (8,), generator=generator)
+    data = types.SimpleNamespace(train=TensorDataset(images, labels), val=TensorDataset(images, labels))
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=0.5, weight_decay=0.01, warmup_epochs=0, device="cpu")
+    return model, data, cfg
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    model, data, cfg = setup(batch_size=4)
+    with process_group_from_env(torch.device("cpu")):
+        import torch.distributed as dist
+
+        result = fit(model, data, cfg, progress=False)
+        state = {"tuned": model.tuned_state_dict(), "world": dist.get_world_size(), "train_loss": result["train_loss"],
+                 "val_top1": result["val_top1"]}
+        torch.save(state, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+'''
+
+
+def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_two_processes_take_the_step_of_one_process_on_the_combined_batch(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER)
+    torchrun(str(worker), str(tmp_path), cwd=tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+
+    model, data, cfg = runpy.run_path(str(worker))["setup"](batch_size=8)
+    before = {name: t.clone() for name, t in model.tuned_state_dict().items()}
+    result = fit(model, data, cfg, progress=False)
+    single = model.tuned_state_dict()
+    assert all(not torch.equal(before[name], single[name]) for name in single)  # the step moved every tuned tensor
+    for rank in ranks:
+        assert rank["tuned"].keys() == single.keys()
+        for name, tensor in single.items():
+            torch.testing.assert_close(rank["tuned"][name], tensor, atol=1e-6, rtol=0)
+        assert abs(rank["train_loss"] - result["train_loss"]) < 1e-6  # summed over both processes
+        assert rank["val_top1"] == result["val_top1"]  # evaluation counts summed over the shards
+
+
+def test_vptune_train_under_torchrun_writes_the_run_once(tmp_path):
+    from safetensors.torch import save_file
+
+    from vptune.backbones.bundled import BUNDLED_BACKBONE, build_bundled
+
+    torch.manual_seed(0)
+    weights = tmp_path / "random.safetensors"
+    save_file(build_bundled().state_dict(), str(weights))
+    out = tmp_path / "run"
+    vptune = Path(sys.executable).with_name("vptune")
+    done = torchrun(
+        str(vptune), "train", "--method", "linear", "--data", "mini:digits", "--out", str(out),
+        "--backbone", BUNDLED_BACKBONE, "--weights", str(weights), "--epochs", "1", "--batch-size", "200",
+        "--lr", "0.5", "--warmup-epochs", "0", "--device", "cpu", cwd=tmp_path,
+    )
+    assert done.stdout.count("run folder:") == 1  # only rank 0 prints
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_images"] == 800 and metrics["steps"] == 2  # 800 images, 2 x 200 per step
+    assert not (out / "checkpoint.pt").exists()
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".tmp") == []
