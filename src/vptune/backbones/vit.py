@@ -18,14 +18,11 @@ import hashlib
 
 import torch
 from torch import Tensor, nn
-from timm.models.vision_transformer import VisionTransformer
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..attention import block_forward, prompt_keys_values
 from ..methods.base import Method
-
-_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-_ATTENTION_PARTS = ("qkv", "num_heads", "head_dim", "q_norm", "k_norm", "norm", "proj", "attn_drop", "proj_drop")
-
 
 def check_backbone(backbone: nn.Module) -> None:
     """Refuse, with the reason, a model whose structure the walk does not know."""
@@ -35,13 +32,14 @@ def check_backbone(backbone: nn.Module) -> None:
             "models (timm.models.vision_transformer.VisionTransformer and its subclasses)"
         )
     for i, block in enumerate(backbone.blocks):
-        missing = [part for part in _BLOCK_PARTS if not hasattr(block, part)]
-        missing += [f"attn.{part}" for part in _ATTENTION_PARTS if not hasattr(block.attn, part)]
-        if missing:
+        attn = getattr(block, "attn", None)
+        # The walk re-composes timm's Block.forward and Attention.forward from their submodules, so a
+        # block or attention that computes anything else (even with the same submodules) is refused.
+        if getattr(type(block), "forward", None) is not Block.forward or getattr(type(attn), "forward", None) is not Attention.forward:
             raise TypeError(
                 f"block {i} of {architecture(backbone)} is a {type(block).__name__} with "
-                f"{type(block.attn).__name__} attention, which vptune does not support (no {', '.join(missing)}); "
-                "supported: timm's pre-norm Block with a fused-qkv Attention"
+                f"{type(attn).__name__ + ' attention' if attn is not None else 'no .attn'}, which vptune does not support; "
+                "supported: timm's pre-norm Block with its fused-qkv Attention (or subclasses that keep their forward)"
             )
 
 
