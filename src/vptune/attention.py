@@ -40,6 +40,8 @@ def attend(
     if extra_k is not None:
         k = torch.cat([k, extra_k.to(k.dtype).expand(B, -1, -1, -1)], dim=2)  # B, H, N+M, Dh
         v = torch.cat([v, extra_v.to(v.dtype).expand(B, -1, -1, -1)], dim=2)
+        if torch.is_grad_enabled():
+            q = q.contiguous()  # a view would keep the whole fused qkv output alive for backward
     if key_bias is not None:
         key_bias = key_bias.to(q.dtype)
     dropout = attn.attn_drop.p if attn.training else 0.0

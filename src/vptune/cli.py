@@ -180,6 +180,48 @@ def predict(
         raise typer.Exit(1)
 
 
+# --- bench --------------------------------------------------------------------------------
+
+
+@app.command()
+@user_errors
+def bench(
+    backbone: str = typer.Option("vit_small_patch16_224", help="timm model name (random weights, no download)."),
+    methods: str = typer.Option(
+        "backbone,vpt-deep:kv,vpt-deep:tokens,vpt-shallow,e2vpt,apt,linear,full,lora",
+        help="Comma-separated rows: backbone, a method name, or vpt-deep/e2vpt with :kv or :tokens.",
+    ),
+    num_prompts: int = typer.Option(50, help="Prompts per block for vpt-deep, vpt-shallow and apt (E2VPT: 10 + 5 kv)."),
+    batch_size: int = typer.Option(8, help="Images per step for FLOPs and timings."),
+    memory_batch_size: int = typer.Option(32, help="Images per training step for peak memory."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute blocks in backward."),
+    rounds: int = typer.Option(5, help="Interleaved timing rounds after warm-up (medians are reported)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as a JSON list."),
+    csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the rows as CSV."),
+) -> None:
+    """Tuned parameters, GFLOPs, speed and training memory of every method, side by side."""
+    from vptune.bench import BenchSettings, parse_methods, run_bench, table, write_csv, write_json
+
+    settings = BenchSettings(
+        backbone=backbone, methods=parse_methods(methods), num_prompts=num_prompts, batch_size=batch_size,
+        memory_batch_size=memory_batch_size, precision=precision, grad_checkpointing=grad_checkpointing,
+        rounds=rounds, device=device, threads=threads,
+    )
+    rows = run_bench(settings, progress=lambda message: err_console.print(message, style="dim"))
+    title = (
+        f"{backbone}, {settings.device}, {precision}, batch {batch_size} (memory: {memory_batch_size})"
+        + (", gradient checkpointing" if grad_checkpointing else "")
+    )
+    Console(width=max(console.width, 160)).print(table(rows, title))
+    if json_path:
+        write_json(rows, json_path)
+    if csv_path:
+        write_csv(rows, csv_path)
+
+
 # --- pretrain: the bundled backbone ---------------------------------------------------------
 
 

@@ -63,6 +63,12 @@ class PromptModel(nn.Module):
         self.backbone = self.method.prepare_backbone(backbone)
         self.head = make_head(backbone.num_features, num_classes, config.head_hidden_layers())
         self.metadata: dict[str, Any] = {}
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations during backward instead of storing them: far less
+        training memory for about one more forward's time; gradients are unchanged."""
+        self.grad_checkpointing = enable
 
     def train(self, mode: bool = True) -> "PromptModel":
         super().train(mode)
@@ -71,7 +77,8 @@ class PromptModel(nn.Module):
 
     def forward_features(self, images: Tensor) -> Tensor:
         """The backbone's token sequence (B, N, d) after the last block, prompts removed."""
-        return run_blocks(self.backbone, embed(self.backbone, images), self.method)
+        x = embed(self.backbone, images)
+        return run_blocks(self.backbone, x, self.method, checkpoint=self.grad_checkpointing)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(pooled_features(self.backbone, self.forward_features(images)))

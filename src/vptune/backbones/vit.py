@@ -18,11 +18,13 @@ import hashlib
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint as recompute
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..attention import block_forward, prompt_keys_values
 from ..methods.base import Method
+
 
 def check_backbone(backbone: nn.Module) -> None:
     """Refuse, with the reason, a model whose structure the walk does not know."""
@@ -106,9 +108,15 @@ def _autocast_state(device: torch.device) -> tuple:
     return (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) if kind in ("cpu", "cuda") else ()
 
 
-def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method) -> Tensor:
+def _recomputed_block_forward(*args) -> Tensor:
+    """``block_forward`` that stores only its inputs and recomputes the rest during backward."""
+    return recompute(block_forward, *args, use_reentrant=False)
+
+
+def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method, checkpoint: bool = False) -> Tensor:
     """Every block of ``backbone`` over ``x`` (B, N, d), with ``method``'s prompts, key-value
-    prompts and attention hooks. Returns the prompt-free sequence (B, N, d)."""
+    prompts and attention hooks. Returns the prompt-free sequence (B, N, d). ``checkpoint``
+    recomputes each block in backward (gradient checkpointing) when gradients are recorded."""
     blocks, prefix = backbone.blocks, backbone.num_prefix_tokens
     batch, depth = x.shape[0], len(blocks)
     layers = method.prompt_layers
@@ -116,6 +124,7 @@ def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method) -> Tensor
     # Prompt keys/values are input-independent, and so cacheable, at inference without dropout.
     cache_ok = not method.training and not torch.is_grad_enabled()
     version = method.state_version() if cache_ok else None
+    forward = _recomputed_block_forward if checkpoint and torch.is_grad_enabled() else block_forward
     carried: Tensor | None = None  # prompt tokens (B|1, p, d) in the prompt slot
     for i, block in enumerate(blocks):
         offset = method.token_offset(i)
@@ -128,7 +137,7 @@ def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method) -> Tensor
         hook = method.attention_output(i)
         if carried is None:
             k, v = kv if kv is not None else (None, None)
-            x = block_forward(block, x, k, v, attention_output=hook)
+            x = forward(block, x, k, v, None, hook)
         elif method.path == "kv" and (i + 1 == depth or i + 1 in layers):
             if cache_ok and fresh and carried.shape[0] == 1:
                 key = (i, carried.device, carried.dtype, _autocast_state(carried.device))
@@ -145,7 +154,7 @@ def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method) -> Tensor
                 v = torch.cat([v, kv[1].to(v.dtype).expand(n, -1, -1, -1)], dim=2)
             extra = 0 if kv is None else kv[0].shape[2]
             bias = _key_bias(prompt_bias, x.shape[1], extra)
-            x = block_forward(block, x, k, v, bias, hook)
+            x = forward(block, x, k, v, bias, hook)
             carried = None
         else:
             p = carried.shape[1]
@@ -153,7 +162,7 @@ def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method) -> Tensor
             extra = 0 if kv is None else kv[0].shape[2]
             bias = _key_bias(prompt_bias, prefix, x.shape[1] - prefix + extra)
             k, v = kv if kv is not None else (None, None)
-            seq = block_forward(block, seq, k, v, bias, hook)
+            seq = forward(block, seq, k, v, bias, hook)
             x = torch.cat([seq[:, :prefix], seq[:, prefix + p :]], dim=1)
             carried = seq[:, prefix : prefix + p]
     return x
