@@ -28,14 +28,22 @@ class E2VPTConfig(MethodConfig):
     shared_kv: bool = False
     dropout: float = 0.1
     path: str = "kv"
+    segments: int = 0  # pruned runs: see VPTConfig
+    segment_layout: str = "contiguous"
+    kept_segments: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_kv_prompts < 1:
             raise ValueError(f"num_kv_prompts must be >= 1, got {self.num_kv_prompts}")
+        if self.kept_segments is not None:
+            self.kept_segments = tuple(int(i) for i in self.kept_segments)
         self.visual_config()  # validates the rest
 
     def visual_config(self) -> VPTConfig:
-        return VPTConfig(num_prompts=self.num_prompts, deep=True, dropout=self.dropout, path=self.path)
+        return VPTConfig(
+            num_prompts=self.num_prompts, deep=True, dropout=self.dropout, path=self.path,
+            segments=self.segments, segment_layout=self.segment_layout, kept_segments=self.kept_segments,
+        )
 
     def method_name(self) -> str:
         return "e2vpt"
@@ -62,6 +70,14 @@ class E2VPT(Method):
 
     def prompt_key_bias(self, batch: int) -> Tensor | None:
         return self.visual.prompt_key_bias(batch)
+
+    def set_masks(self, token: Tensor | None = None, segment: Tensor | None = None, **options) -> None:
+        """Pruning masks on the visual prompts (see ``VPT.set_masks``)."""
+        self.visual.set_masks(token, segment, **options)
+        self.kv_cache.clear()
+
+    def state_version(self) -> tuple:
+        return super().state_version() + self.visual.mask_versions()
 
     def kv_prompts(self, index: int) -> tuple[Tensor, Tensor]:
         values = self.key_prompts if self.value_prompts is None else self.value_prompts

@@ -7,6 +7,13 @@ P_i acts only through the keys and values it gives block i; on ``path="kv"`` tha
 compute (see ``vptune.attention``). ``location="add"`` instead adds one prompt per sequence
 position to the tokens (the paper's ablation); ``layers`` restricts prompts to some blocks,
 whose prompt outputs then flow on through the blocks that have none (the official code).
+
+Pruning (E2VPT, ``vptune.pruning``) acts on deep prompts through masks: a token mask rho (p,)
+and segment masks (p, R) over the prompt width, optionally per sample (B, p) / (B, p, R) for
+per-sample importance scores. In "log" mode rho enters as log(rho) on the token's attention
+key, so rho = 0 removes the token exactly; "zero" mode multiplies the token by rho (the
+official code: a zeroed token still emits its LayerNorm bias as key and value). A pruned run
+stores only the kept segments (``kept_segments``); the absent ones are rebuilt as zeros.
 """
 
 from __future__ import annotations
@@ -32,8 +39,14 @@ class VPTConfig(MethodConfig):
     layers: tuple[int, ...] | None = None  # blocks that get prompts (deep); None: all
     shared: bool = False  # one prompt set for every prompted block
     path: str = "kv"  # "kv" | "tokens"
+    segments: int = 0  # pruned runs: the prompt width is split into this many segments
+    segment_layout: str = "contiguous"  # "contiguous" | "interleaved" (dimension j in segment j mod R)
+    kept_segments: tuple[int, ...] | None = None  # stored segments, token * segments + r; None: all
 
     def __post_init__(self) -> None:
+        check_segments(self.num_prompts, self.segments, self.segment_layout, self.kept_segments)
+        if self.kept_segments is not None:
+            self.kept_segments = tuple(int(i) for i in self.kept_segments)
         if self.num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}")
         if not 0.0 <= self.dropout < 1.0:
@@ -54,6 +67,35 @@ class VPTConfig(MethodConfig):
 
     def build(self, backbone: nn.Module) -> "VPT":
         return VPT(self, backbone)
+
+
+def check_segments(num_prompts: int, segments: int, layout: str, kept: tuple[int, ...] | None) -> None:
+    if segments < 0:
+        raise ValueError(f"segments must be >= 0, got {segments}")
+    if layout not in SEGMENT_LAYOUTS:
+        raise ValueError(f"segment_layout must be one of {SEGMENT_LAYOUTS}, got {layout!r}")
+    if kept is None:
+        return
+    if segments < 1:
+        raise ValueError("kept_segments needs segments >= 1 (how many segments each prompt token has)")
+    kept = list(kept)
+    if kept != sorted(set(kept)) or any(not 0 <= i < num_prompts * segments for i in kept):
+        raise ValueError(
+            f"kept_segments must be sorted distinct indices token * {segments} + segment "
+            f"in [0, {num_prompts * segments}), got {tuple(kept)[:8]}..."
+        )
+
+
+SEGMENT_LAYOUTS = ("contiguous", "interleaved")
+MASK_MODES = ("log", "zero")
+
+
+def segment_of_dim(width: int, segments: int, layout: str) -> Tensor:
+    """The segment (width,) of each prompt dimension: contiguous blocks, or j mod R (official)."""
+    if not 1 <= segments <= width:
+        raise ValueError(f"cannot split a prompt of width {width} into {segments} segments: expected 1 <= segments <= {width}")
+    dims = torch.arange(width)
+    return dims * segments // width if layout == "contiguous" else dims % segments
 
 
 def prompt_init_bound(backbone: nn.Module, width: int) -> float:
@@ -81,16 +123,81 @@ class VPT(Method):
             self.prompt_layers = frozenset(self.layers)
         width = config.prompt_dim or dim
         bound = prompt_init_bound(backbone, width)
-        self.prompt_embeddings = nn.Parameter(torch.empty(num_sets, num_tokens, width).uniform_(-bound, bound))
+        self.table_shape = (num_sets, num_tokens, width)
+        # Flat positions (token * width + dim) of the stored values when only some segments are kept.
+        self.kept_positions: Tensor | None = None
+        if config.kept_segments is None:
+            self.prompt_embeddings = nn.Parameter(torch.empty(self.table_shape).uniform_(-bound, bound))
+        else:
+            if config.location != "prepend":
+                raise ValueError("kept_segments applies to prepended prompts only")
+            segment = segment_of_dim(width, config.segments, config.segment_layout)
+            kept = torch.tensor(config.kept_segments, dtype=torch.long)
+            self.kept_positions = torch.cat([
+                t * width + torch.nonzero(segment == r).flatten()
+                for t, r in zip((kept // config.segments).tolist(), (kept % config.segments).tolist())
+            ]) if len(kept) else torch.zeros(0, dtype=torch.long)
+            self.prompt_values = nn.Parameter(torch.empty(num_sets, len(self.kept_positions)).uniform_(-bound, bound))
+        self.token_mask: Tensor | None = None
+        self.segment_mask: Tensor | None = None
+        self.mask_mode = "log"
+        self.mask_dims: Tensor | None = None  # segment of each prompt dimension, for segment_mask
         self.projection = None
         if config.prompt_dim is not None:
             self.projection = nn.Linear(width, dim)
             nn.init.kaiming_normal_(self.projection.weight, a=0, mode="fan_out")
         self.dropout = nn.Dropout(config.dropout)
 
+    def prompt_table(self, set_index: int) -> Tensor:
+        """Prompt set ``set_index`` (p, k), with absent segments rebuilt as zeros."""
+        if self.kept_positions is None:
+            return self.prompt_embeddings[set_index]
+        values = self.prompt_values[set_index]
+        positions = self.kept_positions.to(values.device)
+        return values.new_zeros(self.table_shape[1] * self.table_shape[2]).index_copy(0, positions, values).view(self.table_shape[1:])
+
+    def set_masks(
+        self,
+        token: Tensor | None = None,
+        segment: Tensor | None = None,
+        *,
+        mode: str = "log",
+        layout: str = "contiguous",
+    ) -> None:
+        """Mask the prompt tokens: ``token`` (p,) or per sample (B, p); ``segment`` (p, R) or
+        (B, p, R) multiplies the prompt dimensions of segment r. None removes a mask."""
+        if mode not in MASK_MODES:
+            raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+        if not self.prompt_layers:
+            raise ValueError("masks apply to prepended deep prompts (vpt-deep, e2vpt)")
+        p, width = self.table_shape[1], self.table_shape[2]
+        if token is not None and token.shape[-1] != p:
+            raise ValueError(f"token mask has shape {tuple(token.shape)}, expected (p,) or (B, p) with p={p}")
+        if segment is not None and (segment.dim() < 2 or segment.shape[-2] != p):
+            raise ValueError(f"segment mask has shape {tuple(segment.shape)}, expected (p, R) or (B, p, R) with p={p}")
+        self.token_mask, self.segment_mask, self.mask_mode = token, segment, mode
+        self.mask_dims = None if segment is None else segment_of_dim(width, segment.shape[-1], layout).to(segment.device)
+        self.kv_cache.clear()
+
+    def mask_versions(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in (self.token_mask, self.segment_mask) if t is not None)
+
+    def state_version(self) -> tuple:
+        return super().state_version() + self.mask_versions()
+
+    def prompt_key_bias(self, batch: int) -> Tensor | None:
+        if self.token_mask is None or self.mask_mode != "log":
+            return None
+        bias = torch.log(self.token_mask)  # 0 -> -inf: the token is gone from every attention
+        return bias if bias.dim() == 2 else bias[None]  # B|1, p
+
     def prompt_set(self, index: int, batch: int) -> Tensor:
-        """Block ``index``'s prompts, projected; dropout per sample in training: (B|1, p, d)."""
-        prompts = self.prompt_embeddings[self.set_of_layer[index]][None]  # 1, p, k
+        """Block ``index``'s prompts, masked and projected; dropout per sample in training: (B|1, p, d)."""
+        prompts = self.prompt_table(self.set_of_layer[index])[None]  # 1, p, k
+        if self.segment_mask is not None:
+            prompts = prompts * self.segment_mask[..., self.mask_dims]  # B|1, p, k
+        if self.token_mask is not None and self.mask_mode == "zero":
+            prompts = prompts * self.token_mask[..., None]
         if self.projection is not None:
             prompts = self.projection(prompts)
         if self.training and self.dropout.p > 0:
