@@ -4,7 +4,7 @@ with it (``predict_files``).
 
 A run folder holds the tuned weights and config (``PromptModel.save_pretrained``; the
 metadata records class names, data, backbone and training settings), ``metrics.json``,
-``curve.csv`` and, while training, ``checkpoint.pt`` (removed once the run is complete).
+``curve.csv``, ``init.safetensors`` (the tuned tensors before training) and, while training, ``checkpoint.pt`` (removed once the run is complete).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save_file
 from timm.data import resolve_data_config
 
 from ..backbones import BUNDLED_BACKBONE, load_backbone
@@ -26,6 +27,7 @@ from .config import TrainConfig
 from .loop import evaluate, fit, is_main_process
 
 METRICS_FILE = "metrics.json"
+INIT_FILE = "init.safetensors"  # the tuned tensors before training: E2VPT's rewinding restores them
 
 
 def train_run(
@@ -67,6 +69,7 @@ def train_run(
         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         backbone={"spec": backbone, "weights": None if weights is None else str(Path(weights).resolve()), "pretrained": pretrained},
     )
+    initial = {name: t.detach().cpu().clone() for name, t in model.tuned_state_dict().items()}
     result = fit(model, bundle, cfg, out, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
     test = evaluate(model, bundle.test, cfg) if bundle.test is not None and len(bundle.test) else None
     tuned, frozen = model.num_tuned_parameters(), model.num_backbone_parameters()
@@ -94,6 +97,7 @@ def train_run(
         "train_config": cfg.to_dict(),
     }
     if is_main_process():
+        save_file(initial, str(out / INIT_FILE))
         write_json(out / METRICS_FILE, metrics)
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # complete: the run folder keeps only what serving needs
     return metrics
