@@ -11,7 +11,9 @@ can serve a batch in which every image belongs to another task:
   gathers them per sample, padded to the longest and masked with a ``-inf`` key bias;
 - prompts whose outputs flow on to the next block (VPT-shallow, deep prompts in a subset of
   blocks) ride in a per-sample token segment after the prefix tokens, padded and masked
-  the same way, and are carried from block to block per task;
+  the same way, and are carried from block to block per task. The batch is sorted by task
+  with these "carrier" tasks first, and in such a block only the carriers' rows take the
+  token path (the others the key/value path), so no image pays for another task's tokens;
 - APT's attention-output term and VPT's token offsets are applied to each task's rows;
 - each task keeps its own head and label set.
 
@@ -28,9 +30,11 @@ computes for their images and are refused with the reason.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import re
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -233,7 +237,7 @@ class MultiTaskModel(nn.Module):
         for i, part in enumerate(parts):
             if part is not None:
                 keys[i, :, : count[i]], values[i, :, : count[i]], bias[i, : count[i]] = part
-        masked = bool((bias.isfinite() & (bias != 0)).any()) or any(c not in (0, width) for c in count)
+        masked = task.key_bias is not None and bool((task.key_bias != 0).any())
         bank = self._banks[key] = _Bank(keys, values, bias.float(), count, masked)
         return bank
 
@@ -245,136 +249,139 @@ class MultiTaskModel(nn.Module):
         if len(tasks) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(tasks)} task names: give one task per image")
         with self._lock, torch.no_grad():
-            order = list(dict.fromkeys(tasks))
-            info = [self.task(name) for name in order]
-            local = {name: j for j, name in enumerate(order)}
-            sample_task = torch.tensor([local[t] for t in tasks], device=images.device)
-            rows = [torch.nonzero(sample_task == j).flatten() for j in range(len(order))]
-            x = self._walk(embed(self.backbone, images), info, rows, sample_task)
-            features = pooled_features(self.backbone, x)
+            info = [self.task(name) for name in dict.fromkeys(tasks)]
+            info.sort(key=lambda task: "tokens" not in task.plan)  # carriers first: their rows form a prefix
+            position = {task.name: j for j, task in enumerate(info)}
+            order = sorted(range(len(tasks)), key=lambda j: position[tasks[j]])  # each task's rows contiguous
+            sizes = Counter(position[name] for name in tasks)
+            ends = list(itertools.accumulate(sizes[j] for j in range(len(info))))
+            spans = [slice(end - sizes[j], end) for j, end in enumerate(ends)]
+            if order != sorted(order):
+                images = images[torch.tensor(order, device=images.device)]
+            features = pooled_features(self.backbone, self._walk(embed(self.backbone, images), info, spans))
             out: list[Tensor | None] = [None] * len(tasks)
-            for task, idx in zip(info, rows):
-                logits = task.model.head(features if len(info) == 1 else features[idx])
-                for j, row in zip(idx.tolist(), logits):
+            for task, span in zip(info, spans):
+                for j, row in zip(order[span], task.model.head(features[span])):
                     out[j] = row
             return out  # type: ignore[return-value]
 
-    def _walk(self, x: Tensor, info: list[Task], rows: list[Tensor], sample_task: Tensor) -> Tensor:
-        blocks, prefix = self.backbone.blocks, self.backbone.num_prefix_tokens
-        single = len(info) == 1
+    def _walk(self, x: Tensor, info: list[Task], spans: list[slice]) -> Tensor:
+        """The blocks over the task-sorted batch. In a block where some task's prompt tokens go
+        through the block, the carriers' rows (a prefix) take the token path and the other rows
+        the key/value path, so no row pays for another task's prompt tokens."""
         banks = [self._bank(task, x) for task in info]
-        width = max(bank.keys.shape[2] for bank in banks)
-        bank_k = bank_v = bank_bias = None
-        if width:
-            pad = [(b.keys, b.values, b.bias) if b.keys.shape[2] == width else _pad_bank(b, width) for b in banks]
+        carriers = sum("tokens" in task.plan for task in info)
+        split = spans[carriers - 1].stop if carriers else 0
+        tail = [slice(s.start - split, s.stop - split) for s in spans[carriers:]]
+        slot: Tensor | None = None  # prompt tokens (split, P, d) carried out of the last block
+        for i, block in enumerate(self.backbone.blocks):
+            x = _offsets(i, x, info, spans)
+            if any(task.plan[i] == "tokens" for task in info[:carriers]):
+                head, slot = self._block(i, block, x[:split], info[:carriers], spans[:carriers], banks[:carriers], slot)
+                if split < x.shape[0]:
+                    rest, _ = self._block(i, block, x[split:], info[carriers:], tail, banks[carriers:], None)
+                    head = torch.cat([head, rest])
+                x = head
+            else:
+                x, slot = self._block(i, block, x, info, spans, banks, slot)
+        return x
+
+    def _block(
+        self, i: int, block: nn.Module, x: Tensor, info: list[Task], spans: list[slice], banks: list[_Bank],
+        slot: Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Block ``i`` over rows ``x`` (n, N, d) of the tasks ``info`` (rows ``spans``): per-sample
+        prompt tokens, per-sample extra keys/values, one key mask where rows differ."""
+        n, N, d = x.shape
+        prefix, single = self.backbone.num_prefix_tokens, len(info) == 1
+        needs_mask = False
+        # Prompt tokens that go through this block: fresh ones, or those carried from the last.
+        tokens = token_bias = None
+        through = [(task, span) for task, span in zip(info, spans) if task.plan[i] == "tokens"]
+        if through:
+            width = max(task.num_prompts for task, _ in through)
+            tokens, token_bias = x.new_zeros(n, width, d), x.new_full((n, width), float("-inf"))
+            for task, span in through:
+                method, p = task.model.method, task.num_prompts
+                tokens[span, :p] = method.prompts(i, 1).to(x.dtype) if i in method.prompt_layers else slot[span, :p]
+                token_bias[span, :p] = 0.0 if task.key_bias is None else task.key_bias
+                needs_mask |= p < width or task.key_bias is not None
+            needs_mask |= len(through) < len(info)
+        # Extra keys/values: the cached bank, then carried prompts this block discards.
+        ks, vs, biases = [], [], []
+        used = max(bank.count[i] for bank in banks)
+        if used:
             if single:
-                bank_k, bank_v, bank_bias = pad[0][0][None], pad[0][1][None], pad[0][2][None]  # 1, D, ...
+                ks.append(banks[0].keys[i, :, :used][None]), vs.append(banks[0].values[i, :, :used][None])
+                biases.append(banks[0].bias[i, :used][None])
             else:
-                bank_k = torch.stack([p[0] for p in pad])[sample_task]  # B, D, H, M, Dh
-                bank_v = torch.stack([p[1] for p in pad])[sample_task]
-                bank_bias = torch.stack([p[2] for p in pad])[sample_task]  # B, D, M
-        B = x.shape[0]
-        slot: Tensor | None = None  # per-sample prompt tokens carried out of the last block (B, P, d)
-        for i, block in enumerate(blocks):
-            methods = [task.model.method for task in info]
-            x = self._offsets(i, x, methods, rows, single)
-            # Prompt tokens that go through this block (their outputs are carried on).
-            carried = [(t, task) for t, task in enumerate(info) if task.plan[i] == "tokens"]
-            tokens, token_bias = None, None
-            if carried:
-                width_t = max(task.num_prompts for _, task in carried)
-                tokens = x.new_zeros(B, width_t, x.shape[2])
-                token_bias = x.new_full((B, width_t), float("-inf"))
-                for t, task in carried:
-                    p = task.num_prompts
-                    fresh = task.model.method.prompts(i, 1) if i in task.model.method.prompt_layers else None
-                    source = fresh.expand(len(rows[t]), -1, -1) if fresh is not None else slot[rows[t], :p]
-                    tokens[rows[t], :p] = source.to(tokens.dtype)
-                    token_bias[rows[t], :p] = 0.0 if task.key_bias is None else task.key_bias
-            # Carried prompts whose outputs this block discards: keys/values only (input dependent).
-            late = [(t, task) for t, task in enumerate(info) if task.plan[i] == "kv" and i not in task.model.method.prompt_layers]
-            late_k = late_v = late_bias = None
-            if late:
-                attn = block.attn
-                width_l = max(task.num_prompts for _, task in late)
-                late_k = x.new_zeros(B, attn.num_heads, width_l, attn.head_dim)
-                late_v = torch.zeros_like(late_k)
-                late_bias = x.new_full((B, width_l), float("-inf"))
-                for t, task in late:
-                    p = task.num_prompts
-                    k, v = prompt_keys_values(block, slot[rows[t], :p])
-                    late_k[rows[t], :, :p], late_v[rows[t], :, :p] = k.to(late_k.dtype), v.to(late_v.dtype)
-                    late_bias[rows[t], :p] = 0.0 if task.key_bias is None else task.key_bias
-            # Extra keys/values: the cached bank, then the late ones.
-            extra_k, extra_v, extra_bias = [], [], []
-            used = max(bank.count[i] for bank in banks) if width else 0
-            if used:
-                extra_k.append(bank_k[:, i, :, :used]), extra_v.append(bank_v[:, i, :, :used])
-                extra_bias.append(bank_bias[:, i, :used])
-            needs_mask = tokens is not None and not single
-            needs_mask |= bool(used) and any(bank.masked or bank.count[i] < used for bank in banks)
-            needs_mask |= tokens is not None and any(task.key_bias is not None for _, task in carried)
-            if late_k is not None:
-                extra_k.append(late_k), extra_v.append(late_v), extra_bias.append(late_bias)
-                needs_mask |= not single or any(task.key_bias is not None for _, task in late)
-            k = v = None
-            if len(extra_k) > 1:
-                k = torch.cat([part.expand(B, -1, -1, -1) for part in extra_k], 2)  # B, H, M, Dh
-                v = torch.cat([part.expand(B, -1, -1, -1) for part in extra_v], 2)
-            elif extra_k:
-                k, v = extra_k[0], extra_v[0]
-            seq = x if tokens is None else torch.cat([x[:, :prefix], tokens, x[:, prefix:]], dim=1)  # B, N+P, d
-            bias = None
-            if needs_mask:
-                n = k.shape[0] if tokens is None and k is not None else B
-                parts = [x.new_zeros(n, prefix)]
-                if tokens is not None:
-                    parts.append(token_bias)
-                parts.append(x.new_zeros(n, x.shape[1] - prefix))
-                parts += [b.to(x.dtype).expand(n, -1) for b in extra_bias]
-                bias = torch.cat(parts, dim=1)[:, None, None, :]  # B|1, 1, 1, N+P+M
-            hook = self._attention_hook(i, methods, rows, single)
-            seq = block_forward(block, seq, k, v, bias, hook)
-            if tokens is None:
-                x, slot = seq, None
-            else:
-                p = tokens.shape[1]
-                x = torch.cat([seq[:, :prefix], seq[:, prefix + p :]], dim=1)
-                slot = seq[:, prefix : prefix + p]
+                fitted = [_fit(bank, i, used) for bank in banks]
+                sizes = [span.stop - span.start for span in spans]
+                ks.append(torch.cat([k[None].expand(m, -1, -1, -1) for (k, _, _), m in zip(fitted, sizes)]))
+                vs.append(torch.cat([v[None].expand(m, -1, -1, -1) for (_, v, _), m in zip(fitted, sizes)]))
+                biases.append(torch.cat([b[None].expand(m, -1) for (_, _, b), m in zip(fitted, sizes)]))
+            needs_mask |= any(bank.masked or bank.count[i] < used for bank in banks)
+        late = [(task, span) for task, span in zip(info, spans) if task.plan[i] == "kv" and i not in task.model.method.prompt_layers]
+        if late:
+            attn, width = block.attn, max(task.num_prompts for task, _ in late)
+            late_k = x.new_zeros(n, attn.num_heads, width, attn.head_dim)
+            late_v, late_bias = torch.zeros_like(late_k), x.new_full((n, width), float("-inf"))
+            for task, span in late:
+                p = task.num_prompts
+                k, v = prompt_keys_values(block, slot[span, :p])  # m, H, p, Dh: these depend on the image
+                late_k[span, :, :p], late_v[span, :, :p] = k.to(x.dtype), v.to(x.dtype)
+                late_bias[span, :p] = 0.0 if task.key_bias is None else task.key_bias
+                needs_mask |= p < width or task.key_bias is not None
+            ks.append(late_k), vs.append(late_v), biases.append(late_bias)
+            needs_mask |= len(late) < len(info)
+        k = v = None
+        if len(ks) > 1:
+            k = torch.cat([part.expand(n, -1, -1, -1) for part in ks], 2)  # n, H, M, Dh
+            v = torch.cat([part.expand(n, -1, -1, -1) for part in vs], 2)
+        elif ks:
+            k, v = ks[0], vs[0]
+        seq = x if tokens is None else torch.cat([x[:, :prefix], tokens, x[:, prefix:]], dim=1)  # n, N+P, d
+        bias = None
+        if needs_mask:
+            rows = 1 if tokens is None and all(part.shape[0] == 1 for part in biases) else n
+            parts = [x.new_zeros(rows, prefix), *([] if tokens is None else [token_bias]), x.new_zeros(rows, N - prefix)]
+            parts += [part.to(x.dtype).expand(rows, -1) for part in biases]
+            bias = torch.cat(parts, dim=1)[:, None, None, :]  # n|1, 1, 1, N+P+M
+        seq = block_forward(block, seq, k, v, bias, _attention_hook(i, info, spans))
+        if tokens is None:
+            return seq, None
+        p = tokens.shape[1]
+        return torch.cat([seq[:, :prefix], seq[:, prefix + p :]], dim=1), seq[:, prefix : prefix + p]
+
+
+def _offsets(i: int, x: Tensor, info: list[Task], spans: list[slice]) -> Tensor:
+    """VPT "add" prompts: each task's token offset on its own rows."""
+    offsets = [task.model.method.token_offset(i) for task in info]
+    if all(offset is None for offset in offsets):
         return x
-
-    @staticmethod
-    def _offsets(i: int, x: Tensor, methods: list, rows: list[Tensor], single: bool) -> Tensor:
-        """VPT "add" prompts: each task's offset on its own rows."""
-        for method, idx in zip(methods, rows):
-            offset = method.token_offset(i)
-            if offset is not None:
-                x = x + offset if single else x.index_add(0, idx, offset.to(x.dtype).expand(len(idx), -1, -1))
-        return x
-
-    @staticmethod
-    def _attention_hook(i: int, methods: list, rows: list[Tensor], single: bool):
-        """The tasks' attention-output terms (APT), each applied to its own rows."""
-        hooks = [(method.attention_output(i), idx) for method, idx in zip(methods, rows)]
-        hooks = [(hook, idx) for hook, idx in hooks if hook is not None]
-        if not hooks:
-            return None
-        if single:
-            return hooks[0][0]
-
-        def mixed(u: Tensor, a: Tensor) -> Tensor:
-            for hook, idx in hooks:
-                a = a.index_copy(0, idx, hook(u[idx], a[idx]))
-            return a
-
-        return mixed
+    return torch.cat([x[span] if offset is None else x[span] + offset for offset, span in zip(offsets, spans)])
 
 
-def _pad_bank(bank: _Bank, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    extra = width - bank.keys.shape[2]
-    pad = bank.keys.new_zeros(*bank.keys.shape[:2], extra, bank.keys.shape[3])
-    return (
-        torch.cat([bank.keys, pad], 2),
-        torch.cat([bank.values, pad], 2),
-        torch.cat([bank.bias, bank.bias.new_full((bank.bias.shape[0], extra), float("-inf"))], 1),
-    )
+def _attention_hook(i: int, info: list[Task], spans: list[slice]):
+    """The tasks' attention-output terms (APT), each applied to its own rows."""
+    hooks = [task.model.method.attention_output(i) for task in info]
+    if all(hook is None for hook in hooks):
+        return None
+    if len(hooks) == 1:
+        return hooks[0]
+
+    def mixed(u: Tensor, a: Tensor) -> Tensor:
+        return torch.cat([a[span] if hook is None else hook(u[span], a[span]) for hook, span in zip(hooks, spans)])
+
+    return mixed
+
+
+def _fit(bank: _Bank, i: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Block ``i``'s bank entries cut or padded (masked) to ``width``: (H, width, Dh) twice, (width,)."""
+    keys, values, bias = bank.keys[i, :, :width], bank.values[i, :, :width], bank.bias[i, :width]
+    extra = width - keys.shape[1]
+    if extra > 0:
+        pad = keys.new_zeros(keys.shape[0], extra, keys.shape[2])
+        keys, values = torch.cat([keys, pad], 1), torch.cat([values, pad], 1)
+        bias = torch.cat([bias, bias.new_full((extra,), float("-inf"))])
+    return keys, values, bias

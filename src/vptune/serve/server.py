@@ -28,9 +28,10 @@ from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, Requ
 from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from timm.data import create_transform, resolve_data_config
+from timm.data import resolve_data_config
 from torch import Tensor, nn
 
+from ..model import PromptModel
 from .batching import MicroBatcher, Overloaded
 from .multitask import TASK_NAME, MultiTaskModel
 
@@ -59,13 +60,23 @@ class BadImage(ValueError):
     """The upload is not an image PIL can decode, or a corrupt or oversized one."""
 
 
-def image_transform(backbone: nn.Module) -> Callable[[Image.Image], Tensor]:
-    """The backbone's evaluation preprocessing (timm's data config at the backbone's input size)."""
+def data_config(backbone: nn.Module) -> dict[str, Any]:
+    """timm's data config of the backbone, at the input size the backbone was built for (a model
+    built without a pretrained config would otherwise report timm's default of 224)."""
     config = resolve_data_config(model=backbone)
     img_size = getattr(backbone.patch_embed, "img_size", None)
-    if img_size is not None:  # models built without a pretrained config report timm's default 224
+    if img_size is not None:
         config["input_size"] = (backbone.patch_embed.proj.in_channels, *img_size)
-    return create_transform(**config, is_training=False)
+    return config
+
+
+def image_transform(task: PromptModel, config: dict[str, Any]) -> Callable[[Image.Image], Tensor]:
+    """The preprocessing the task's evaluation used: FGVC's resize + centre crop, else a resize."""
+    from ..data.transforms import fgvc_transforms, resize_transform
+
+    if str(task.metadata.get("data", "")).startswith("fgvc:"):
+        return fgvc_transforms(config)[1]
+    return resize_transform(config)
 
 
 def decode_image(data: bytes, transform: Callable[[Image.Image], Tensor], channels: int, max_pixels: int) -> Tensor:
@@ -139,8 +150,9 @@ def create_app(model: MultiTaskModel, config: ServeConfig | None = None) -> Fast
         lambda items: _predict(model, items),
         max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_pending=config.max_pending,
     )
-    transform = image_transform(model.backbone)
+    preprocessing = data_config(model.backbone)
     channels = model.backbone.patch_embed.proj.in_channels
+    transforms: dict[str, Callable[[Image.Image], Tensor]] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -192,6 +204,9 @@ def create_app(model: MultiTaskModel, config: ServeConfig | None = None) -> Fast
         try:
             async with batcher.admit():
                 data = await file.read()
+                transform = transforms.get(task) or transforms.setdefault(
+                    task, image_transform(model.task(task).model, preprocessing)
+                )
                 try:
                     image = await asyncio.to_thread(decode_image, data, transform, channels, config.max_image_pixels)
                 except BadImage as error:

@@ -1,0 +1,241 @@
+"""``vptune bench-serve``: what serving many tasks from one backbone costs, on random weights.
+
+Two measurements in one run:
+
+1. Model throughput. Batches whose images are drawn from 8 tasks of different methods go
+   through ``MultiTaskModel`` in one pass; they are compared with batches of a single task
+   (the mean over the tasks) and with running each task's own ``PromptModel`` on its
+   sub-batch. Timed in interleaved rounds after a warm-up; medians.
+2. A load test of the HTTP server on 127.0.0.1 only: a bounded number of requests from
+   concurrent clients, each with a timeout and the whole test under a deadline, so it
+   stops by itself; it reports errors and latency percentiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from ..methods import config_for
+from ..model import PromptModel
+from .server import BackgroundServer, ServeConfig, create_app, load_tasks
+
+# The served mix: prompt methods on both prompt paths, several prompt counts, heads only.
+TASK_MIX: dict[str, tuple[str, dict[str, Any], int]] = {
+    "vpt-deep-50": ("vpt-deep", dict(num_prompts=50), 10),
+    "vpt-deep-10": ("vpt-deep", dict(num_prompts=10), 5),
+    "vpt-shallow-10": ("vpt-shallow", dict(num_prompts=10), 7),
+    "e2vpt-10-5": ("e2vpt", dict(num_prompts=10, num_kv_prompts=5), 10),
+    "e2vpt-5-1": ("e2vpt", dict(num_prompts=5, num_kv_prompts=1), 3),
+    "apt-50": ("apt", dict(num_prompts=50), 10),
+    "linear": ("linear", {}, 10),
+    "mlp": ("mlp", dict(hidden_layers=1), 4),
+}
+
+
+def bench_backbone(spec: str) -> nn.Module:
+    """The bundled architecture or a timm model, with random weights (nothing is downloaded)."""
+    from ..backbones import BUNDLED_BACKBONE
+    from ..backbones.bundled import build_bundled
+    from ..backbones.loading import load_backbone
+
+    return (build_bundled() if spec == BUNDLED_BACKBONE else load_backbone(spec)).eval()
+
+
+def write_task_runs(backbone: nn.Module, folder: Path, seed: int = 0) -> dict[str, Path]:
+    """The 8 runs of ``TASK_MIX`` with random tuned tensors, saved as run folders."""
+    runs = {}
+    for j, (name, (method, options, classes)) in enumerate(TASK_MIX.items()):
+        torch.manual_seed(seed + j)
+        model = PromptModel(backbone, config_for(method, **options), classes)
+        with torch.no_grad():
+            for param in model.tuned_parameters().values():
+                param.add_(torch.randn_like(param) * 0.02)
+        model.metadata["class_names"] = [f"{name}/{i}" for i in range(classes)]
+        model.save_pretrained(folder / name)
+        runs[name] = folder / name
+    return runs
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
+    """Seconds one call of ``fn`` takes, device work included."""
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def measure_throughput(
+    backbone: nn.Module, runs: dict[str, Path], batch_size: int, rounds: int, device: torch.device
+) -> dict[str, Any]:
+    """Images/s of mixed-task batches, single-task batches and each task's own model."""
+    from .multitask import MultiTaskModel
+
+    model = MultiTaskModel(backbone, runs).to(device)
+    own = {name: PromptModel.from_pretrained(backbone, path).eval().to(device) for name, path in runs.items()}
+    names = list(runs)
+    size = backbone.patch_embed.img_size
+    images = torch.randn(batch_size, backbone.patch_embed.proj.in_channels, *size, device=device)
+    mixed_tasks = [names[j % len(names)] for j in range(batch_size)]
+    groups = {name: [j for j, t in enumerate(mixed_tasks) if t == name] for name in names}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run_own() -> None:
+        for name, rows in groups.items():
+            own[name](images[rows])
+
+    jobs: dict[str, Callable[[], Any]] = {
+        "backbone": lambda: backbone.forward_features(images),
+        "mixed": lambda: model(images, mixed_tasks),
+        "own_models": run_own,
+        **{f"single:{name}": (lambda name=name: model(images, name)) for name in names},
+    }
+    times: dict[str, list[float]] = {key: [] for key in jobs}
+    with torch.no_grad():
+        for key, job in jobs.items():  # warm-up, and the key/value banks
+            job()
+        for _ in range(rounds):
+            for key, job in jobs.items():
+                times[key].append(_timed(job, sync))
+    median = {key: statistics.median(values) for key, values in times.items()}
+    single = statistics.mean(median[f"single:{name}"] for name in names)
+    return {
+        "batch_size": batch_size,
+        "rounds": rounds,
+        "backbone_img_s": batch_size / median["backbone"],
+        "mixed_img_s": batch_size / median["mixed"],
+        "single_img_s": batch_size / single,
+        "own_models_img_s": batch_size / median["own_models"],
+        "mixed_vs_single": single / median["mixed"],
+        "mixed_vs_own_models": median["own_models"] / median["mixed"],
+        "single_task_img_s": {name: batch_size / median[f"single:{name}"] for name in names},
+    }
+
+
+def _png(seed: int, size: tuple[int, int]) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def _load(url: str, tasks: list[str], requests: int, clients: int, size: tuple[int, int], timeout_s: float, deadline_s: float) -> dict[str, Any]:
+    import httpx
+
+    images = [_png(seed, size) for seed in range(16)]
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    issued = 0
+    stop_at = time.monotonic() + deadline_s
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal issued
+            while issued < requests and time.monotonic() < stop_at:
+                j = issued
+                issued += 1
+                files = {"file": ("image.png", images[j % len(images)], "image/png")}
+                start = time.perf_counter()
+                try:
+                    response = await client.post(f"/v1/tasks/{tasks[j % len(tasks)]}/predict", files=files)
+                    outcome = "ok" if response.status_code == 200 else f"http {response.status_code}"
+                except httpx.HTTPError as error:
+                    outcome = type(error).__name__
+                if outcome == "ok":
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    errors[outcome] = errors.get(outcome, 0) + 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+        health = (await client.get("/health")).json()
+    quantiles = np.percentile(latencies, [50, 99]) * 1000 if latencies else [float("nan")] * 2
+    return {
+        "requests": issued,
+        "clients": clients,
+        "ok": len(latencies),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "p50_ms": float(quantiles[0]),
+        "p99_ms": float(quantiles[1]),
+        "req_s": len(latencies) / wall,
+        "wall_s": wall,
+        "mean_batch": health["mean_batch"],
+        "largest_batch": health["largest_batch"],
+    }
+
+
+def load_test(
+    backbone: nn.Module, tasks_dir: Path, *, requests: int = 500, clients: int = 32, max_batch: int = 32,
+    max_wait_ms: float = 5.0, timeout_s: float = 30.0, deadline_s: float = 300.0,
+) -> dict[str, Any]:
+    """Requests from concurrent clients to a server on 127.0.0.1 (an ephemeral port), spread over
+    every task; stops after ``requests`` or ``deadline_s``, whichever comes first."""
+    model, _ = load_tasks(backbone, tasks_dir)
+    config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_pending=max(512, 2 * clients))
+    size = tuple(backbone.patch_embed.img_size)
+    with BackgroundServer(create_app(model, config), host="127.0.0.1") as server:
+        return asyncio.run(_load(server.url, model.task_names, requests, clients, size, timeout_s, deadline_s))
+
+
+def bench_serve(
+    backbone: str, *, batch_size: int = 32, rounds: int = 5, requests: int = 500, clients: int = 32,
+    max_batch: int = 32, max_wait_ms: float = 5.0, device: str = "cpu", deadline_s: float = 300.0,
+) -> dict[str, Any]:
+    """Both measurements on ``backbone`` (bundled architecture or timm name, random weights)."""
+    net = bench_backbone(backbone)
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device if device != "auto" else "cpu")
+    with tempfile.TemporaryDirectory(prefix="vptune-bench-serve-") as folder:
+        runs = write_task_runs(net, Path(folder))
+        throughput = measure_throughput(net.to(torch_device), runs, batch_size, rounds, torch_device)
+        load = load_test(
+            net, Path(folder), requests=requests, clients=clients, max_batch=max_batch, max_wait_ms=max_wait_ms,
+            deadline_s=deadline_s,
+        )
+    return {
+        "backbone": backbone,
+        "device": str(torch_device),
+        "threads": torch.get_num_threads(),
+        "tasks": {name: method for name, (method, _, _) in TASK_MIX.items()},
+        "throughput": throughput,
+        "load_test": load,
+    }
+
+
+def report_tables(result: dict[str, Any]) -> list:
+    """Rich tables of a ``bench_serve`` result: model throughput, then the load test."""
+    from rich.table import Table
+
+    t = result["throughput"]
+    title = f"{result['backbone']} (random weights), {result['device']}, {result['threads']} threads, batch {t['batch_size']}"
+    model = Table(title=f"Mixed-task batches: {title}")
+    for column in ("batches", "images/s", "mixed vs this"):
+        model.add_column(column, justify="right" if column != "batches" else "left")
+    model.add_row(f"mixed: {len(result['tasks'])} tasks in one pass", f"{t['mixed_img_s']:.1f}", "1.00")
+    model.add_row("single task (mean over tasks)", f"{t['single_img_s']:.1f}", f"{t['mixed_vs_single']:.2f}")
+    model.add_row("each task's own model on its sub-batch", f"{t['own_models_img_s']:.1f}", f"{t['mixed_vs_own_models']:.2f}")
+    model.add_row("frozen backbone alone", f"{t['backbone_img_s']:.1f}", f"{t['mixed_img_s'] / t['backbone_img_s']:.2f}")
+    for name, img_s in t["single_task_img_s"].items():
+        model.add_row(f"  single: {name}", f"{img_s:.1f}", f"{t['mixed_img_s'] / img_s:.2f}")
+    load = result["load_test"]
+    server = Table(title=f"HTTP load test on 127.0.0.1: {load['requests']} requests from {load['clients']} clients")
+    for column in ("ok", "errors", "p50 ms", "p99 ms", "requests/s", "mean batch", "largest batch"):
+        server.add_column(column, justify="right")
+    server.add_row(
+        str(load["ok"]), str(load["errors"]), f"{load['p50_ms']:.1f}", f"{load['p99_ms']:.1f}", f"{load['req_s']:.1f}",
+        f"{load['mean_batch']:.1f}", str(load["largest_batch"]),
+    )
+    return [model, server]
