@@ -248,3 +248,80 @@ def pretrain(
         warmup_steps=warmup_steps, label_smoothing=label_smoothing, seed=seed, threads=threads, work_dir=work_dir,
     )
     console.print(f"Fashion-MNIST test top-1 {results['test_accuracy'] * 100:.2f}% in {results['wall_time_min']:.1f} min")
+
+
+# --- serve: many tasks from one frozen backbone over HTTP -----------------------------------
+
+
+@app.command()
+@user_errors
+def serve(
+    tasks: Path = typer.Option(..., help="Folder of run folders: each subfolder holding a run is a task named after it."),
+    backbone: str = typer.Option(BUNDLED, help="Backbone SPEC the runs were trained on: timm model name or the bundled one."),
+    weights: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors, .pth, .npz)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Use timm's hub weights (needs internet)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    max_batch: int = typer.Option(32, help="Most images in one backbone pass, across tasks."),
+    max_wait_ms: float = typer.Option(5.0, help="Longest wait for a batch to fill after its first request."),
+    max_pending: int = typer.Option(512, help="Requests in flight before new ones get 503."),
+    max_body_mb: float = typer.Option(8.0, help="Largest request body in MiB (413 above)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Serve every task in --tasks over HTTP; concurrent requests share one backbone pass."""
+    import torch
+
+    from vptune.backbones import load_backbone
+    from vptune.serve.server import ServeConfig, load_tasks
+    from vptune.serve.server import serve as run_server
+
+    model, skipped = load_tasks(load_backbone(backbone, weights=weights, pretrained=pretrained), tasks)
+    for line in skipped:
+        err_console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False, soft_wrap=True)
+    model.to(torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device))
+    listing = Table(title=f"tasks served from {escape(str(tasks))}")
+    for column in ("task", "method", "classes"):
+        listing.add_column(column)
+    for name in model.task_names:
+        task = model.task(name)
+        listing.add_row(escape(name), task.method_name, str(len(task.labels)))
+    console.print(listing)
+    console.print(f"serving on http://{host}:{port} (API docs: /docs)")
+    config = ServeConfig(
+        max_batch=max_batch, max_wait_ms=max_wait_ms, max_pending=max_pending, max_body_bytes=int(max_body_mb * 2**20)
+    )
+    run_server(model, host, port, config)
+
+
+@app.command("bench-serve")
+@user_errors
+def bench_serve(
+    backbone: str = typer.Option(BUNDLED, help="The bundled architecture or a timm model name (random weights, no download)."),
+    batch_size: int = typer.Option(32, help="Images per batch for the throughput comparison."),
+    rounds: int = typer.Option(5, help="Interleaved timing rounds after warm-up (medians are reported)."),
+    requests: int = typer.Option(500, help="Requests in the load test (127.0.0.1 only)."),
+    clients: int = typer.Option(32, help="Concurrent clients in the load test."),
+    max_batch: int = typer.Option(32, help="The server's largest batch."),
+    max_wait_ms: float = typer.Option(5.0, help="The server's batching wait."),
+    deadline_s: float = typer.Option(300.0, help="The load test stops after this many seconds at the latest."),
+    device: str = typer.Option("cpu", help="cpu, cuda or auto."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
+) -> None:
+    """Mixed-task batches vs single-task batches vs one model per task, and an HTTP load test."""
+    import torch
+
+    from vptune.serve.bench import bench_serve as run_bench_serve
+    from vptune.serve.bench import report_tables
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = run_bench_serve(
+        backbone, batch_size=batch_size, rounds=rounds, requests=requests, clients=clients, max_batch=max_batch,
+        max_wait_ms=max_wait_ms, device=device, deadline_s=deadline_s,
+    )
+    for table in report_tables(result):
+        console.print(table)
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {json_path}")
