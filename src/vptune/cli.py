@@ -229,7 +229,7 @@ def bench(
 @user_errors
 def pretrain(
     out: Optional[Path] = typer.Option(None, help="Folder for the weights and MODEL_CARD.md (default: the package's)."),
-    epochs: int = typer.Option(4, help="Passes over the 60,000 Fashion-MNIST training images."),
+    epochs: int = typer.Option(2, help="Passes over the 60,000 Fashion-MNIST training images."),
     batch_size: int = typer.Option(128),
     lr: float = typer.Option(1e-3, help="Peak AdamW learning rate."),
     weight_decay: float = typer.Option(0.05),

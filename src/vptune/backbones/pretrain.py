@@ -91,7 +91,7 @@ def _machine() -> str:
 
 def pretrain(
     out: Path,
-    epochs: int = 4,
+    epochs: int = 2,
     batch_size: int = 128,
     lr: float = 1e-3,
     weight_decay: float = 0.05,
@@ -242,7 +242,7 @@ checkpoint in `$VPTUNE_CACHE/pretrain` (default `~/.cache/vptune/pretrain`) if o
 def main() -> None:
     parser = argparse.ArgumentParser(description="Pretrain the bundled backbone on Fashion-MNIST.")
     parser.add_argument("--out", type=Path, required=True, help="folder for the weights and MODEL_CARD.md")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
