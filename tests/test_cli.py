@@ -136,3 +136,27 @@ def test_a_diverging_run_stops_with_a_non_zero_exit(workspace, tmp_path):
     result = runner.invoke(app, [str(a) for a in train_args(workspace, tmp_path / "run", "--lr", "1e38")], terminal_width=300)
     assert result.exit_code == 1
     assert "loss became" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.filterwarnings("ignore:.*no train/val/test subfolders")
+def test_eval_refuses_data_with_other_classes(trained, workspace, tmp_path):
+    for name in ("cat", "dog", "emu"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    result = runner.invoke(app, ["eval", "--run", str(trained), "--data", f"imagefolder:{tmp_path}", "--split", "train"],
+                           terminal_width=300)
+    assert result.exit_code == 1
+    assert "has 3 classes" in result.output and "trained on 2 classes" in result.output
+
+
+def test_method_options_map_onto_the_config_fields():
+    from vptune.cli import method_options
+    from vptune.methods import config_for
+
+    options = method_options("vpt-deep", {"num_prompts": 4, "rank": None}, ["layers=[0,2]", "location=prepend"])
+    assert options == {"num_prompts": 4, "layers": [0, 2], "location": "prepend"}
+    assert config_for("vpt-deep", **options).layers == (0, 2)
+    with pytest.raises(ValueError, match="method 'apt' has no option --path; its options are: --num-prompts, --rank"):
+        method_options("apt", {"path": "kv"}, [])
+    with pytest.raises(ValueError, match="--option expects KEY=VALUE"):
+        method_options("vpt-deep", {}, ["layers"])
