@@ -144,14 +144,17 @@ def eval_(
     weights: Optional[Path] = typer.Option(None, help="Local backbone weights (default: the ones the run recorded)."),
     batch_size: int = typer.Option(256, help="Images per batch."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip unreadable images (and count them)."),
 ) -> None:
     """Top-1 accuracy of a run folder on one split of a dataset."""
     from vptune.train import evaluate_run, load_run
 
-    result = evaluate_run(load_run(run, backbone, weights=weights), data, split, batch_size=batch_size, device=device)
+    model = load_run(run, backbone, weights=weights)
+    result = evaluate_run(model, data, split, batch_size=batch_size, device=device, skip_bad_images=skip_bad_images)
+    skipped = f", {result['skipped_images']} unreadable skipped" if result["skipped_images"] else ""
     console.print(
         f"{escape(str(run))} on {escape(data)} ({split}): top-1 [bold]{result['top1']:.2f}%[/]"
-        f"  loss {result['loss']:.4f}  ({result['count']} images)"
+        f"  loss {result['loss']:.4f}  ({result['count']} images{skipped})"
     )
 
 

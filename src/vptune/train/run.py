@@ -130,13 +130,17 @@ def load_run(
     return PromptModel.from_pretrained(net, run)
 
 
-def evaluate_run(model: PromptModel, data: str, split: str = "test", *, batch_size: int = 256, device: str = "auto") -> dict[str, Any]:
-    """Top-1 and loss of a loaded run on one split of ``data``; its classes must be the run's."""
+def evaluate_run(
+    model: PromptModel, data: str, split: str = "test", *, batch_size: int = 256, device: str = "auto",
+    skip_bad_images: bool = False,
+) -> dict[str, Any]:
+    """Top-1 and loss of a loaded run on one split of ``data`` (whose classes must be the run's),
+    and how many unreadable images were skipped."""
     from ..data import build_data
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
-    bundle = build_data(data, resolve_data_config(model=model.backbone))
+    bundle = build_data(data, resolve_data_config(model=model.backbone), skip_bad_images=skip_bad_images)
     names = model.metadata.get("class_names")
     if bundle.num_classes != model.num_classes or (names is not None and list(bundle.class_names) != list(names)):
         raise ValueError(
@@ -148,7 +152,7 @@ def evaluate_run(model: PromptModel, data: str, split: str = "test", *, batch_si
         raise ValueError(f"{data} has no {split} split")
     cfg = TrainConfig(batch_size=batch_size, device=device)
     model.to(cfg.torch_device())
-    return {"split": split, **evaluate(model, dataset, cfg)}
+    return {"split": split, **evaluate(model, dataset, cfg), "skipped_images": len(bundle.skipped)}
 
 
 def eval_transform(model: PromptModel):
