@@ -47,8 +47,12 @@ def train_run(
 ) -> dict[str, Any]:
     """Build backbone, data and PromptModel, fit, evaluate on val and test, write the run folder.
 
-    Returns the metrics written to ``out/metrics.json``. With ``resume``, a killed run continues
-    from its checkpoint, and a finished one returns its metrics unchanged.
+    Returns the metrics written to ``out/metrics.json``: top-1 accuracies in percent
+    (``val_top1`` is on data that ``final`` trains on), tuned parameters as a count and as a
+    percentage of the backbone, ``extra_gflops`` per image over the frozen backbone,
+    ``wall_time_s`` of training and validation (summed over resumed sessions) and training
+    ``images_per_s``. With ``resume``, a killed run continues from its checkpoint, and a
+    finished one returns its metrics unchanged.
     """
     from ..data import build_data
 
