@@ -133,7 +133,7 @@ def test_missing_data_folder_is_one_clear_line(workspace, tmp_path):
 
 
 def test_a_diverging_run_stops_with_a_non_zero_exit(workspace, tmp_path):
-    result = runner.invoke(app, [str(a) for a in train_args(workspace, tmp_path / "run", "--lr", "1e38")], terminal_width=300)
+    result = runner.invoke(app, [str(a) for a in train_args(workspace, tmp_path / "run", "--lr", "1e38", "--epochs", "1")], terminal_width=300)
     assert result.exit_code == 1
     assert "loss became" in result.output and "Traceback" not in result.output
 
@@ -160,3 +160,30 @@ def test_method_options_map_onto_the_config_fields():
         method_options("apt", {"path": "kv"}, [])
     with pytest.raises(ValueError, match="--option expects KEY=VALUE"):
         method_options("vpt-deep", {}, ["layers"])
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_result(trained, workspace, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import vptune.train.loop as loop
+
+    real_save = loop.save_epoch
+
+    def save_then_kill(model, optimizer, data, cfg, out_dir, state):
+        real_save(model, optimizer, data, cfg, out_dir, state)
+        raise KeyboardInterrupt  # Ctrl-C right after the first epoch's checkpoint
+
+    out = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "save_epoch", save_then_kill)
+        result = runner.invoke(app, [str(a) for a in train_args(workspace, out)], terminal_width=300)
+    assert result.exit_code == 130 and "--resume to continue" in result.output
+    assert (out / "checkpoint.pt").is_file() and not (out / "metrics.json").exists()
+
+    result = invoke(*train_args(workspace, out, "--resume"))
+    assert result.exit_code == 0, result.output
+    straight, resumed = load_file(str(trained / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight) and straight.keys() == resumed.keys()
+    timing = {"wall_time_s", "images_per_s"}
+    expected, got = (json.loads((d / "metrics.json").read_text()) for d in (trained, out))
+    assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in expected.items() if k not in timing}
