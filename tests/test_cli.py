@@ -133,7 +133,8 @@ def test_missing_data_folder_is_one_clear_line(workspace, tmp_path):
 
 
 def test_a_diverging_run_stops_with_a_non_zero_exit(workspace, tmp_path):
-    result = runner.invoke(app, [str(a) for a in train_args(workspace, tmp_path / "run", "--lr", "1e38", "--epochs", "1")], terminal_width=300)
+    args = train_args(workspace, tmp_path / "run", "--lr", "1e38", "--epochs", "1")
+    result = runner.invoke(app, [str(a) for a in args], terminal_width=300)
     assert result.exit_code == 1
     assert "loss became" in result.output and "Traceback" not in result.output
 

@@ -4,7 +4,8 @@ with it (``predict_files``).
 
 A run folder holds the tuned weights and config (``PromptModel.save_pretrained``; the
 metadata records class names, data, backbone and training settings), ``metrics.json``,
-``curve.csv``, ``init.safetensors`` (the tuned tensors before training) and, while training, ``checkpoint.pt`` (removed once the run is complete).
+``curve.csv``, ``init.safetensors`` (the tuned tensors before training) and, while training,
+``checkpoint.pt`` (removed once the run is complete).
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def train_run(
         data=data,
         final=final,
         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-        backbone={"spec": backbone, "weights": None if weights is None else str(Path(weights).resolve()), "pretrained": pretrained},
+        backbone={
+            "spec": backbone, "weights": None if weights is None else str(Path(weights).resolve()), "pretrained": pretrained,
+        },
     )
     initial = {name: t.detach().cpu().clone() for name, t in model.tuned_state_dict().items()}
     result = fit(model, bundle, cfg, out, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
