@@ -225,6 +225,86 @@ def bench(
         write_csv(rows, csv_path)
 
 
+# --- sweep: the papers' protocol on Ray Tune ----------------------------------------------
+
+
+def parse_grid(text: str, kind: type, flag: str) -> tuple:
+    """A comma-separated grid such as ``50,25,10``."""
+    try:
+        return tuple(kind(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise ValueError(f"{flag} expects comma-separated {kind.__name__} values such as 1,0.5,0.1; got {text!r}") from None
+
+
+@app.command()
+@user_errors
+def sweep(
+    method: str = typer.Option(..., help="Method name: vpt-deep, vpt-shallow, e2vpt, apt, linear, ..."),
+    data: list[str] = typer.Option(..., help="Data SPEC of a task; repeat for several (mini:TASK, vtab1k:ROOT/TASK, ...)."),
+    out: Path = typer.Option(..., help="Sweep folder: run folders, Ray's files, sweep.json and sweep.md. Rerun to resume."),
+    backbone: str = typer.Option(BUNDLED, help="timm model name or the bundled backbone's name."),
+    weights: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors, .pth, .npz)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Use timm's hub weights (needs internet)."),
+    lr_grid: str = typer.Option("50,25,10,5,2.5,1,0.5,0.25,0.1,0.05", help="Base learning rates (lr = base x batch / 256)."),
+    wd_grid: str = typer.Option("0.01,0.001,0.0001,0", help="Weight decays."),
+    num_prompts_grid: Optional[str] = typer.Option(None, help="Prompt lengths to search too, e.g. 1,5,10,50,100,200."),
+    seeds: str = typer.Option("42,44,82,100,800", help="Seeds of the final runs on train+val (the first also seeds the search)."),
+    epochs: int = typer.Option(100, help="Epochs of every run (the official recipe: 100)."),
+    batch_size: int = typer.Option(128, help="Images per step (the official recipe: 128; 64 for long prompts)."),
+    warmup_epochs: float = typer.Option(10.0, help="Linear warm-up epochs before the cosine decay (official: 10)."),
+    optimizer: str = typer.Option("sgd", help="sgd (momentum 0.9, the VPT recipe) or adamw."),
+    precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast on CPU and GPU)."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
+    num_workers: int = typer.Option(0, help="DataLoader worker processes per trial."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda (within each trial)."),
+    num_kv_prompts: Optional[int] = typer.Option(None, help="Key/value prompts per block (e2vpt)."),
+    rank: Optional[int] = typer.Option(None, help="Low rank (apt, lora)."),
+    dropout: Optional[float] = typer.Option(None, help="Prompt or LoRA dropout."),
+    path: Optional[str] = typer.Option(None, help="Prompt path: kv (fast, exact) or tokens."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Any other method field as KEY=VALUE (JSON value)."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to run on (auto or ray://HOST:PORT); default: a local Ray."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs of the local Ray (default: all)."),
+    cpus_per_trial: float = typer.Option(1.0, help="CPUs each trial reserves (and its torch threads)."),
+    gpus_per_trial: float = typer.Option(0.0, help="GPUs each trial reserves (fractions share a GPU)."),
+    scheduler: str = typer.Option("none", help="none, or asha: stop weak grid points early on per-epoch val top-1."),
+) -> None:
+    """Search lr x wd on val, retrain the winner on train+val with each seed, report test (REFERENCE.md 1)."""
+    from vptune.sweep import SweepConfig, run_sweep
+    from vptune.train import TrainConfig
+
+    options = method_options(method, dict(num_kv_prompts=num_kv_prompts, rank=rank, dropout=dropout, path=path), option)
+    config = SweepConfig(
+        backbone=backbone, method=method, data=list(data), out=out, method_options=options,
+        train=TrainConfig(
+            epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs, optimizer=optimizer, precision=precision,
+            grad_accum=grad_accum, num_workers=num_workers, device=device, scale_lr=True,
+        ),
+        lr_grid=parse_grid(lr_grid, float, "--lr-grid"), wd_grid=parse_grid(wd_grid, float, "--wd-grid"),
+        num_prompts_grid=parse_grid(num_prompts_grid, int, "--num-prompts-grid") if num_prompts_grid else (None,),
+        seeds=parse_grid(seeds, int, "--seeds"), weights=None if weights is None else str(weights.absolute()),
+        pretrained=pretrained, address=address, num_cpus=num_cpus, cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial, scheduler=scheduler,
+    )
+    summary = run_sweep(config, console=console)
+    table = Table(title=f"{method} on {backbone}: chosen on val, test top-1 over {len(config.seeds)} seeds")
+    for column in ("task", "group", "base lr", "wd", "prompts", "val top-1", "test top-1", "tuned %"):
+        table.add_column(column)
+    for name, entry in summary["tasks"].items():
+        chosen = entry["chosen"] or {}
+        test = "-" if entry["test_top1_mean"] is None else f"{entry['test_top1_mean']:.2f} ± {entry['test_top1_std']:.2f}"
+        table.add_row(
+            name, entry["group"] or "-", f"{chosen.get('base_lr', '-')}", f"{chosen.get('weight_decay', '-')}",
+            str(chosen.get("num_prompts") or "default"), f"{chosen['val_top1']:.2f}" if chosen else "-", test,
+            "-" if entry.get("tuned_percent") is None else f"{entry['tuned_percent']:.3f}",
+        )
+    console.print(table)
+    for group, entry in summary["groups"].items():
+        console.print(f"{group}: mean test top-1 {entry['test_top1_mean']:.2f} over {len(entry['tasks'])} tasks")
+    if summary["failed"]:
+        err_console.print(f"[bold red]{len(summary['failed'])} runs failed[/] (errors in sweep.json); rerun to retry them")
+    console.print(f"summary: {out / 'sweep.md'}, {out / 'sweep.json'}")
+
+
 # --- pretrain: the bundled backbone ---------------------------------------------------------
 
 

@@ -1,0 +1,208 @@
+"""A sweep's trainings as Ray Tune trials: on a local Ray started for the sweep, or on a cluster.
+
+Each run is one trial that calls ``train_run`` into the run's own folder under the sweep
+folder. Resuming rests on those folders, not on Ray's experiment state: a run whose
+``metrics.json`` exists (written by ``train_run`` as its last act) is finished and never
+submitted again, and a run killed midway continues from its own ``checkpoint.pt``. This
+survives what ``Tuner.restore`` does not: a driver killed between two snapshots of the
+experiment state, a grid or seed list extended between invocations, another cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from ..train import TrainConfig
+from ..train.checkpoint import CHECKPOINT_FILE
+from .protocol import METRICS_FILE, STOPPED_FILE, Outcome, Run, SweepConfig, first_line, read_outcome, write_json
+
+Trainer = Callable[..., dict[str, Any]]  # the signature of vptune.train.train_run
+
+SETTINGS_FILE = "sweep-settings.json"
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its error texts
+# Ray's unix sockets live at TEMP/session_<date>_<pid>/sockets/plasma_store: about 64 characters
+# below the temp dir, and a socket path may not exceed 107.
+MAX_RAY_TEMP_DIR = 40
+# Only small configs travel through the object store; Ray's default (30% of RAM in /dev/shm)
+# would take memory from the trainings for nothing.
+OBJECT_STORE_BYTES = 256 * 1024**2
+
+
+class RaySession:
+    """Ray for the sweep, started only when a run is left to do: the caller's if already initialised,
+    the cluster at ``config.address``, or a local Ray with its temp folder inside the sweep folder,
+    shut down when the sweep ends."""
+
+    def __init__(self, config: SweepConfig, console: Console) -> None:
+        self.config, self.console = config, console
+        self.started = False
+        self.temp: Path | None = None
+
+    def __enter__(self) -> "RaySession":
+        return self
+
+    def start(self) -> None:
+        import ray
+
+        if self.started or ray.is_initialized():
+            return
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no network calls from a sweep
+        config = self.config
+        if config.address:
+            ray.init(address=config.address, log_to_driver=True)
+        else:
+            self.temp = config.out / "ray-tmp"
+            if len(str(self.temp)) > MAX_RAY_TEMP_DIR:
+                self.temp = Path(tempfile.mkdtemp(prefix="vptune-ray-"))
+                self.console.print(
+                    f"Ray's temp folder: {self.temp} (the sweep folder's path is too long for Ray's unix sockets, "
+                    f"limit {MAX_RAY_TEMP_DIR} characters); it is removed at the end"
+                )
+            ray.init(
+                num_cpus=config.num_cpus, include_dashboard=False, _temp_dir=str(self.temp),
+                _node_ip_address="127.0.0.1",  # a local Ray talks over loopback only
+                object_store_memory=OBJECT_STORE_BYTES, log_to_driver=True,
+            )
+        self.started = True
+
+    def __exit__(self, *exc: Any) -> None:
+        import ray
+
+        if not self.started:
+            return
+        ray.shutdown()
+        if self.temp is not None and not self.temp.is_relative_to(self.config.out):
+            shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def check_settings(config: SweepConfig) -> None:
+    """Refuse to resume a sweep folder made with other settings: its finished runs would be reused.
+    The grid, the seeds and the tasks may change (they only add or skip runs)."""
+    settings = {
+        "backbone": config.backbone,
+        "weights": config.weights,
+        "pretrained": config.pretrained,
+        "method": config.method,
+        "method_options": config.method_options,
+        "train": {k: v for k, v in config.train.to_dict().items() if k not in ("lr", "weight_decay", "seed", "scale_lr")},
+    }
+    path = config.out / SETTINGS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        diffs = [
+            f"{key}: {before.get(key)!r} then, {value!r} now"
+            for key, value in json.loads(json.dumps(settings, default=str)).items() if before.get(key) != value
+        ]
+        if diffs:
+            raise ValueError(
+                f"{config.out} holds a sweep made with other settings ({'; '.join(diffs)}): "
+                "pass another --out, or the same settings to resume it"
+            )
+    else:
+        write_json(path, settings)
+
+
+def run_all(session: RaySession, runs: list[Run], phase: str, trainer: Trainer) -> dict[Run, Outcome]:
+    """Run (as Ray Tune trials) every run not finished yet; return every run's outcome in ``runs`` order."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    config, console = session.config, session.console
+
+    outcomes = {run: outcome for run in runs if (outcome := read_outcome(run, config.out)) is not None}
+    pending = [run for run in runs if run not in outcomes]
+    console.print(f"[bold]{phase}[/]: {len(runs)} runs, {len(outcomes)} already done in {config.out}, {len(pending)} to run")
+    if not pending:
+        return {run: outcomes[run] for run in runs}
+    session.start()
+    scheduler = None
+    if config.scheduler == "asha" and phase == "search":
+        scheduler = ASHAScheduler(time_attr="epoch", metric="val_top1", mode="max", max_t=config.train.epochs)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, config=config, trainer=trainer),
+        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"run": tune.grid_search([run.to_dict() for run in pending])},
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler, reuse_actors=True, trial_name_creator=trial_name, trial_dirname_creator=trial_name
+        ),
+        run_config=tune.RunConfig(
+            name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(config.out / "ray"),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+            progress_reporter=tune.CLIReporter(
+                parameter_columns={f"run/{key}": key for key in ("task", "base_lr", "weight_decay", "num_prompts", "seed")},
+                metric_columns=["epoch", "val_top1", "test_top1"],
+                max_report_frequency=30,
+            ),
+        ),
+    )
+    # Ray's newer output engine ignores the reporter and prints every trial's config and result.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for result in tuner.fit():
+        run = Run(**result.config["run"])
+        outcomes[run] = outcome_of(config, run, result.error, result.metrics or {})
+        if outcomes[run].status == "failed":
+            console.print(f"[bold red]failed[/]: {run.name()}: {first_line(outcomes[run].error)}", highlight=False)
+    return {run: outcomes[run] for run in runs}
+
+
+def trial_name(trial: Any) -> str:
+    return Run(**trial.config["run"]).name()
+
+
+def outcome_of(config: SweepConfig, run: Run, error: Exception | None, reported: dict[str, Any]) -> Outcome:
+    """What a trial came to. A trial on another node without a shared file system leaves its
+    ``metrics.json`` there; the metrics it reported are then written here."""
+    if error is not None:
+        return Outcome("failed", error=ANSI_CODES.sub("", str(error)))
+    folder = run.folder(config.out)
+    if isinstance(reported.get("metrics"), dict):
+        if not (folder / METRICS_FILE).is_file():
+            write_json(folder / METRICS_FILE, reported["metrics"])
+        return Outcome("done", reported["metrics"])
+    if config.scheduler == "asha" and "val_top1" in reported:
+        stopped = {"epoch": reported["epoch"], "val_top1": reported["val_top1"]}
+        write_json(folder / STOPPED_FILE, stopped)
+        return Outcome("stopped", stopped)
+    return Outcome("failed", error=f"the trial ended without finishing its training (no {METRICS_FILE} in {folder})")
+
+
+def run_trial(trial_config: dict[str, Any], *, config: SweepConfig, trainer: Trainer) -> None:
+    """One Ray Tune trial: train one run into its folder, reporting val top-1 as epochs end."""
+    import torch
+    from ray import tune
+
+    run = Run(**trial_config["run"])
+    torch.set_num_threads(max(1, int(config.cpus_per_trial)))
+    folder = run.folder(config.out)
+    cfg: TrainConfig = config.train_config(run)
+    if config.scheduler == "asha" and not run.final:
+        cfg = dataclasses.replace(cfg, eval_every=1)  # ASHA compares trials by val top-1 at each epoch
+
+    def on_epoch_end(record: dict[str, Any]) -> None:
+        # The last epoch is reported with the run's metrics below, once train_run has written them:
+        # ASHA stops a trial that reaches max_t, which must not cut it short.
+        if record["epoch"] < cfg.epochs and record.get("val_top1") is not None:
+            tune.report({"epoch": record["epoch"], "val_top1": record["val_top1"]})
+
+    metrics = trainer(
+        config.backbone, config.method, config.run_options(run), run.data, folder, cfg,
+        weights=config.weights, pretrained=config.pretrained, final=run.final,
+        resume=(folder / CHECKPOINT_FILE).is_file(), progress=False, on_epoch_end=on_epoch_end,
+    )
+    scores = {key: metrics[key] for key in ("val_top1", "test_top1") if metrics.get(key) is not None}
+    tune.report({"epoch": cfg.epochs, **scores, "metrics": metrics})

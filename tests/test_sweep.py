@@ -1,0 +1,198 @@
+"""The papers' protocol (vptune.sweep): the official selection rule, the summary, and real sweeps
+of train_run on a mini task under a local Ray, including a killed sweep that resumes."""
+
+import dataclasses
+import functools
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vptune.cli import app
+from vptune.sweep import Outcome, Run, SweepConfig, choose, markdown, run_sweep, summarize, task_group, task_name
+from vptune.sweep.tune import check_settings
+from vptune.train import TrainConfig, train_run
+
+
+def run(lr: float, wd: float = 0.0, task: str = "dtd", **kw) -> Run:
+    return Run(task, f"vtab1k:/data/{task}", lr, wd, None, 42, **kw)
+
+
+def done(val: float | None = None, test: float | None = None) -> Outcome:
+    return Outcome("done", {"val_top1": val, "test_top1": test, "tuned_params": 10, "tuned_percent": 0.5})
+
+
+# --- the protocol, without Ray ---------------------------------------------------------------
+
+
+def test_choose_takes_the_best_val_and_breaks_ties_by_the_smaller_lr():
+    candidates = [
+        (run(5.0), done(60.0)),
+        (run(0.1), done(50.0)),
+        (run(1.0), done(60.0)),  # ties with lr 5: the smaller lr wins, wherever it sits in the grid
+        (run(2.5), Outcome("failed", error="boom")),
+        (run(0.5), Outcome("stopped", {"epoch": 3, "val_top1": 99.0})),  # cut short by ASHA: never the winner
+    ]
+    assert choose(candidates)[0] == run(1.0)
+    assert choose(candidates[::-1])[0] == run(1.0)
+    same_lr = [(run(1.0, 0.01), done(70.0)), (run(1.0, 0.0), done(70.0))]
+    assert choose(same_lr)[0] == run(1.0, 0.01)  # then the first in grid order
+    assert choose([(run(1.0), Outcome("failed", error="boom"))]) is None
+
+
+def test_task_names_and_groups():
+    assert task_name("vtab1k:/data/vtab-1k/clevr_count/") == "clevr_count"
+    assert task_name("mini:digits") == "digits"
+    assert [task_group(f"vtab1k:/d/{t}") for t in ("dtd", "eurosat", "dsprites_ori", "my_task")] == [
+        "natural", "specialized", "structured", None,
+    ]
+    assert task_group("mini:digits") == "natural" and task_group("mini:count") == "structured"
+
+
+def test_summary_reports_the_winner_the_seeds_and_the_group_means(tmp_path):
+    config = SweepConfig("b", "vpt-deep", ["vtab1k:/d/dtd", "vtab1k:/d/svhn", "vtab1k:/d/eurosat"], tmp_path,
+                         train=TrainConfig(batch_size=64), lr_grid=(1.0, 0.5), wd_grid=(0.0,), seeds=(42, 44, 82))
+    searched = {r: done(val) for r, val in zip(config.search_runs(), (80.0, 85.0, 40.0, 40.0, 70.0, 60.0))}
+    tests = {"dtd": (70.0, 72.0, 74.0), "svhn": (50.0, 50.0, 50.0), "eurosat": (90.0, 91.0, 95.0)}
+    finals = {}
+    for task in tests:
+        winner = choose([(r, o) for r, o in searched.items() if r.task == task])[0]
+        finals.update({r: done(test=t) for r, t in zip(config.final_runs(winner), tests[task])})
+    finals[[r for r in finals if r.task == "eurosat"][2]] = Outcome("failed", error="Traceback...\nValueError: bad")
+    summary = summarize(config, searched, finals)
+
+    dtd, svhn, eurosat = (summary["tasks"][t] for t in ("dtd", "svhn", "eurosat"))
+    assert (dtd["chosen"]["base_lr"], dtd["chosen"]["lr"], dtd["chosen"]["val_top1"]) == (0.5, 0.125, 85.0)
+    assert svhn["chosen"]["base_lr"] == 0.5  # a tie at 40: the smaller lr
+    assert dtd["test_top1_mean"] == 72.0 and dtd["test_top1_std"] == statistics.stdev((70.0, 72.0, 74.0))
+    assert eurosat["seeds_done"] == 2 and eurosat["test_top1_mean"] == 90.5  # the failed seed is left out
+    assert summary["groups"]["natural"] == {"tasks": ["dtd", "svhn"], "test_top1_mean": 61.0}
+    assert summary["groups"]["specialized"]["test_top1_mean"] == 90.5
+    assert summary["failed"] == [{"run": "eurosat-lr1_wd0-seed82", "error": "Traceback...\nValueError: bad"}]
+    text = markdown(summary)
+    assert "| dtd | natural | 0.5 | 0.125 | 0 | default | 85.00 | 72.00 ± 2.00 | 3 | 10 | 0.500 |" in text
+    assert "| natural | 2 | 61.00 |" in text and "eurosat-lr1_wd0-seed82: ValueError: bad" in text
+
+
+def test_bad_sweeps_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(ValueError, match="lr grid is empty.*weight decay -1 is negative"):
+        SweepConfig("b", "linear", ["mini:digits"], tmp_path, lr_grid=(), wd_grid=(-1.0,))
+    with pytest.raises(ValueError, match="both task 'digits'"):
+        SweepConfig("b", "linear", ["mini:digits", "vtab1k:/x/digits"], tmp_path)
+    with pytest.raises(ValueError, match="scheduler 'hyperband'"):
+        SweepConfig("b", "linear", ["mini:digits"], tmp_path, scheduler="hyperband")
+    result = CliRunner().invoke(
+        app,
+        ["sweep", "--method", "vpt-deep", "--data", "mini:digits", "--out", str(tmp_path), "--lr-grid", "1,fast"],
+    )
+    assert result.exit_code == 1 and "--lr-grid expects comma-separated float values" in result.output
+
+
+def test_a_sweep_folder_is_not_resumed_with_other_settings(tmp_path):
+    config = SweepConfig("b", "linear", ["mini:digits"], tmp_path, train=TrainConfig(epochs=3))
+    check_settings(config)
+    check_settings(dataclasses.replace(config, lr_grid=(1.0,), seeds=(1,)))  # grid and seeds may change
+    with pytest.raises(ValueError, match="other settings .*epochs"):
+        check_settings(dataclasses.replace(config, train=TrainConfig(epochs=5)))
+
+
+# --- real sweeps: train_run on a mini task, trials on a local Ray ----------------------------
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    """Random weights for the bundled architecture: the tests do not depend on the shipped ones."""
+    from safetensors.torch import save_file
+
+    from vptune.backbones.bundled import build_bundled
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("backbone") / "random.safetensors"
+    save_file(build_bundled().state_dict(), str(path))
+    return str(path)
+
+
+def mini_sweep(out: Path, weights: str, **kw) -> SweepConfig:
+    return SweepConfig(
+        "vptune_vit_fmnist", "linear", ["mini:digits"], out, weights=weights,
+        train=TrainConfig(epochs=1, batch_size=100, warmup_epochs=0, device="cpu"),
+        lr_grid=(0.05, 5.0), wd_grid=(0.0,), seeds=(42,), num_cpus=2, **kw,
+    )
+
+
+def recording_trainer(*args, log: str, kill_after: str | None = None, **kwargs):
+    """train_run, logging each call; with ``kill_after``, every run but that one dies (a killed sweep)."""
+    out = Path(args[4])
+    with open(log, "a") as file:
+        file.write(f"{out}\n")
+    if kill_after is not None and out.name != kill_after:
+        raise RuntimeError(f"simulated kill before {out.name}")
+    return train_run(*args, **kwargs)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def ray_can_unpickle_this_module():
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def test_sweep_picks_the_configuration_val_says_on_a_local_ray(weights):
+    import ray
+
+    out = Path(tempfile.mkdtemp(prefix="sweep-", dir="/tmp"))  # short: Ray's temp dir goes inside it
+    try:
+        summary = run_sweep(mini_sweep(out, weights))
+        assert not ray.is_initialized()  # the sweep's own Ray is shut down
+        assert (out / "ray-tmp").is_dir() and any((out / "ray").iterdir())
+
+        trials = summary["tasks"]["digits"]["trials"]
+        vals = {t["base_lr"]: json.loads((Path(t["folder"]) / "metrics.json").read_text())["val_top1"] for t in trials}
+        assert [t["status"] for t in trials] == ["done", "done"]
+        assert {t["base_lr"]: t["val_top1"] for t in trials} == vals
+        best = max(vals.values())
+        chosen = summary["tasks"]["digits"]["chosen"]
+        assert chosen["base_lr"] == min(lr for lr, val in vals.items() if val == best)
+        assert chosen["lr"] == chosen["base_lr"] * 100 / 256
+
+        final = json.loads((out / "final" / "digits" / f"lr{chosen['base_lr']:g}_wd0" / "seed42" / "metrics.json").read_text())
+        assert final["final"] and final["train_images"] == 1000  # retrained on train+val
+        assert summary["tasks"]["digits"]["test_top1_mean"] == final["test_top1"]
+        assert summary["groups"] == {"natural": {"tasks": ["digits"], "test_top1_mean": final["test_top1"]}}
+        assert json.loads((out / "sweep.json").read_text()) == json.loads(json.dumps(summary))
+        assert "| digits | natural |" in (out / "sweep.md").read_text()
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, weights):
+    log = tmp_path / "calls.txt"
+    config = mini_sweep(tmp_path / "sweep", weights)
+    first = tmp_path / "sweep" / "search" / "digits" / "lr0.05_wd0"
+
+    # Everything after the first trial dies: the sweep records the failures and still ends.
+    summary = run_sweep(config, trainer=functools.partial(recording_trainer, log=str(log), kill_after=first.name))
+    trials = summary["tasks"]["digits"]["trials"]
+    assert [t["status"] for t in trials] == ["done", "failed"]
+    assert "simulated kill before lr5_wd0" in trials[1]["error"]
+    assert summary["failed"] and summary["tasks"]["digits"]["test_top1_mean"] is None
+    metrics = first / "metrics.json"
+    stamp, content = metrics.stat().st_mtime_ns, metrics.read_text()
+    log.write_text("")
+
+    summary = run_sweep(config, trainer=functools.partial(recording_trainer, log=str(log)))
+    calls = log.read_text().split()
+    assert str(first) not in calls and str(first.with_name("lr5_wd0")) in calls
+    assert metrics.stat().st_mtime_ns == stamp and metrics.read_text() == content
+    assert [t["status"] for t in summary["tasks"]["digits"]["trials"]] == ["done", "done"]
+    assert summary["failed"] == [] and summary["tasks"]["digits"]["seeds_done"] == 1
+
+    log.write_text("")
+    assert run_sweep(config, trainer=functools.partial(recording_trainer, log=str(log))) == summary
+    assert log.read_text() == ""  # all done: nothing trains, and Ray is not even started
