@@ -2,13 +2,19 @@
 compact export (fewer parameters and FLOPs, same logits), round trips and refusals."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from conftest import tiny_vit
+from PIL import Image
+from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
+from typer.testing import CliRunner
 
 from vptune import PromptModel, config_for
+from vptune.backbones.bundled import build_bundled
+from vptune.cli import app
 from vptune.flops import count_flops
 from vptune.methods.vpt import segment_of_dim
 from vptune.pruning import (
@@ -22,6 +28,8 @@ from vptune.pruning import (
     visual_prompts,
 )
 from vptune.pruning.masks import prune_count
+from vptune.train import load_run
+from vptune.train.run import evaluate_run
 
 P, R, CLASSES = 6, 4, 5
 KEPT = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool)
@@ -259,3 +267,94 @@ def test_refuses_bad_rates_and_masks():
         config_for("e2vpt", num_prompts=2, segments=4, kept_segments=(3, 1))
     with pytest.raises(ValueError, match="score must be one of"):
         importance_scores(model, TensorDataset(torch.randn(1, 3, 32, 32), torch.tensor([0])), score="mean")
+
+
+# --- vptune prune end to end ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prune_workspace(tmp_path_factory):
+    """Random bundled-backbone weights, a two-class image folder and a 1-epoch e2vpt run on it."""
+    root = tmp_path_factory.mktemp("prune")
+    torch.manual_seed(0)
+    save_file(build_bundled().state_dict(), str(root / "backbone.safetensors"))
+    for split, count in (("train", 4), ("val", 2), ("test", 2)):
+        for name, colour in {"red": (200, 30, 30), "blue": (30, 30, 200)}.items():
+            folder = root / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (20, 20), tuple(min(255, c + 8 * i) for c in colour)).save(folder / f"{i}.png")
+    result = CliRunner().invoke(app, [str(a) for a in (
+        "train", "--method", "e2vpt", "--num-prompts", 4, "--data", f"imagefolder:{root / 'images'}", "--out",
+        root / "run", "--weights", root / "backbone.safetensors", "--epochs", 1, "--batch-size", 4, "--lr", 0.05,
+        "--warmup-epochs", 0, "--device", "cpu",
+    )])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def invoke_prune(workspace, out, *extra):
+    args = ("prune", "--run", workspace / "run", "--data", f"imagefolder:{workspace / 'images'}", "--out", out,
+            "--device", "cpu", "--no-progress", *extra)
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_prune_command_writes_a_smaller_run_that_loads_and_reports(prune_workspace, tmp_path):
+    out = tmp_path / "pruned"
+    # token rate fixed, segment rate searched (cascade, one candidate with R=2; tolerance lets it pass)
+    result = invoke_prune(prune_workspace, out, "--token-rate", 0.5, "--segments", 2, "--tolerance", 100, "--epochs", 1)
+    assert result.exit_code == 0, result.output
+    assert "training epochs spent: 2 (search: 1)" in result.output
+    report = json.loads((out / "prune.json").read_text())
+    assert report["token_rate"] == 0.5 and report["segment_rate"] == 0.5
+    assert [c["rate"] for c in report["search"]["candidates"]] == [0.5]
+    assert report["rewind_from"].endswith("init.safetensors")
+    assert report["masked_vs_compact_max_abs_diff"] < 1e-5
+    before, pruned, rewound = report["before"], report["pruned"], report["rewound"]
+    assert before["num_prompts"] == 4 and pruned["num_prompts"] == rewound["num_prompts"] == 2
+    dims = 6 * 192  # 6 blocks of width 192: 2 of 4 tokens kept, each with 1 of 2 segments
+    assert before["tuned_parameters"] - rewound["tuned_parameters"] == dims * 4 - dims * 2 // 2
+    assert rewound["gflops"] < before["gflops"] and rewound["extra_gflops"] < before["extra_gflops"]
+    assert report["weights_bytes"]["after"] < report["weights_bytes"]["before"]
+    for stage in (before, pruned, rewound):
+        assert stage["val_top1"] is not None and stage["test_top1"] is not None
+    model = load_run(out)
+    assert model.config.kept_segments is not None and model.metadata["pruning"]["tokens_kept"] == report["masks"]["tokens_kept"]
+    assert evaluate_run(model, f"imagefolder:{prune_workspace / 'images'}", "val")["top1"] == rewound["val_top1"]
+
+
+def test_prune_command_refuses_bad_requests_with_one_clear_line(prune_workspace, tmp_path):
+    linear = tmp_path / "linear"
+    PromptModel(tiny_vit(), config_for("linear"), 2).save_pretrained(linear)
+    cases = [
+        (("--token-rate", 1.0), "token-rate must be in [0, 1)"),
+        (("--segment-rate", -0.5), "segment-rate must be in [0, 1)"),
+        (("--score", "mean"), "score must be one of abs, signed"),
+        (("--segments", 1000, "--token-rate", 0, "--segment-rate", 0), "--segments 1000 is more than the prompt width 192"),
+    ]
+    for extra, message in cases:
+        result = invoke_prune(prune_workspace, tmp_path / "out", *extra)
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
+    runs = ((linear, "is a linear run, which cannot be pruned"), (tmp_path / "nowhere", "does not exist"))
+    for run, message in runs:
+        args = ("prune", "--run", run, "--data", "imagefolder:x", "--out", tmp_path / "o")
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 1 and message in " ".join(result.output.split()), result.output
+
+
+def test_prune_command_official_variant_grid_fresh_zero(prune_workspace, tmp_path):
+    """The official code's choices: grid search, fresh rewinding, pruned tokens kept as zeros."""
+    out = tmp_path / "official"
+    result = invoke_prune(prune_workspace, out, "--search", "grid", "--rewind", "fresh", "--mask-mode", "zero",
+                          "--segment-layout", "interleaved", "--score", "signed", "--token-rate", 0.5, "--segments", 2,
+                          "--epochs", 1)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "prune.json").read_text())
+    assert report["search"]["mode"] == "grid" and len(report["search"]["candidates"]) == 1
+    assert report["training_epochs"] == 1  # the grid's winner is the rewound model
+    assert report["rewind_from"] == "fresh" and report["masks"]["mask_mode"] == "zero"
+    before, rewound = report["before"], report["rewound"]
+    assert rewound["num_prompts"] == before["num_prompts"] == 4  # zeros stay in the sequence ...
+    assert rewound["gflops"] == pytest.approx(before["gflops"])  # ... and cost as much as before
+    assert rewound["tuned_parameters"] < before["tuned_parameters"]  # but are not stored
+    assert load_run(out).config.segment_layout == "interleaved"

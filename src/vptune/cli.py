@@ -408,3 +408,55 @@ def bench_serve(
     if json_path:
         json_path.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {json_path}")
+
+# --- prune: E2VPT prompt pruning and rewinding -----------------------------------------------
+
+
+@app.command()
+@user_errors
+def prune(
+    run: Path = typer.Option(..., help="A trained e2vpt or vpt-deep run folder."),
+    data: str = typer.Option(..., help="The data SPEC the run was trained on (scores, search and rewinding use it)."),
+    out: Path = typer.Option(..., help="Folder for the pruned, rewound compact run and prune.json."),
+    token_rate: Optional[float] = typer.Option(None, help="Fraction of prompt tokens to prune, in [0, 1); default: searched."),
+    segment_rate: Optional[float] = typer.Option(None, help="Fraction of each kept token's segments to prune, in [0, 1); default: searched."),
+    segments: int = typer.Option(16, help="Segments per prompt token (R)."),
+    score: str = typer.Option("abs", help="abs: mean |dL/d mask| (the paper); signed: mean dL/d mask (the official code)."),
+    rewind: str = typer.Option("original", help="original: retrain from the run's initial values (the paper); fresh: from a new initialisation (the official code)."),
+    search: str = typer.Option("cascade", help="cascade: token rate then segment rate, short retraining per candidate; grid: every pair, full retraining (official)."),
+    mask_mode: str = typer.Option("log", help="log: a pruned token is removed exactly; zero: kept as a zero vector (the official code)."),
+    segment_layout: str = typer.Option("contiguous", help="contiguous (the paper) or interleaved: dimension j in segment j mod R (the official code)."),
+    epochs: Optional[int] = typer.Option(None, help="Rewinding (and grid) epochs; default: the run's own."),
+    search_epochs: int = typer.Option(1, help="Cascade: epochs of the short retraining per candidate."),
+    tolerance: float = typer.Option(1.0, help="Cascade: val top-1 points a candidate may lose against the unpruned run."),
+    batch_size: Optional[int] = typer.Option(None, help="Default: the run's own."),
+    backbone: Optional[str] = typer.Option(None, help="Default: the backbone the run recorded."),
+    weights: Optional[Path] = typer.Option(None, help="Local backbone weights, if not the recorded ones."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, help="Show the rewinding's progress bar."),
+) -> None:
+    """Prune the visual prompts of an E2VPT (or VPT-deep) run, rewind, and export a compact run."""
+    from vptune.pruning import PRUNE_FILE, PruneOptions, prune_run
+
+    options = PruneOptions(
+        token_rate=token_rate, segment_rate=segment_rate, segments=segments, score=score, rewind=rewind, search=search,
+        mask_mode=mask_mode, segment_layout=segment_layout, epochs=epochs, search_epochs=search_epochs,
+        tolerance=tolerance, batch_size=batch_size, device=device,
+    )
+    report = prune_run(run, data, out, options, backbone=backbone, weights=weights, progress=progress, log=console.print)
+    table = Table(title=f"{report['method']}: token rate {report['token_rate']:.3g}, segment rate "
+                  f"{report['segment_rate']:.3g}, rewound from {rewind} values; GFLOPs per image")
+    for column in ("stage", "prompts", "tuned", "GFLOPs", "extra", "val top-1", "test top-1"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+
+    def top1(value: Optional[float]) -> str:
+        return "-" if value is None else f"{value:.2f}%"
+
+    for stage in ("before", "pruned", "rewound"):
+        row = report[stage]
+        table.add_row(stage, str(row["num_prompts"]), f"{row['tuned_parameters']:,}", f"{row['gflops']:.4f}",
+                      f"{row['extra_gflops']:.4f}", top1(row["val_top1"]), top1(row["test_top1"]))
+    console.print(table)
+    console.print(f"training epochs spent: {report['training_epochs']} (search: {report['search']['epochs']}); "
+                  f"masked vs compact logits max |diff| {report['masked_vs_compact_max_abs_diff']:.2e}")
+    console.print(f"wrote {out} and {out / PRUNE_FILE}")

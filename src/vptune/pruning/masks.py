@@ -176,34 +176,46 @@ def segment_masks(masks: Masks, segment_scores: Tensor, rate: float) -> Masks:
     return dataclasses.replace(masks, segment=keep)
 
 
-def compact(model: PromptModel, masks: Masks) -> PromptModel:
-    """A new PromptModel on the same backbone without what ``masks`` prunes: pruned tokens
-    removed ("log" mode) or kept as zero vectors ("zero" mode), pruned segments not stored."""
-    visual = visual_prompts(model)
-    p = visual.table_shape[1]
+def compact_config(config: VPTConfig | E2VPTConfig, masks: Masks) -> VPTConfig | E2VPTConfig:
+    """The config of the model ``masks`` leaves: fewer tokens ("log" mode), the kept segments."""
+    check_prunable(config)
+    p = config.num_prompts
     if masks.token.shape != (p,) or masks.segment.shape[0] != p:
         raise ValueError(f"masks for {masks.token.shape[0]} tokens do not fit a model with {p} prompt tokens")
     if not masks.token.any():
         raise ValueError("the masks prune every prompt token; at least one must stay")
-    if masks.mode == "log":
-        tokens = torch.nonzero(masks.token).flatten()
-        kept = masks.segment[tokens]
-    else:
-        tokens = torch.arange(p)
-        kept = masks.segment & masks.token[:, None]
+    kept = kept_segments(masks)
     if kept.all():
-        fields = dict(num_prompts=len(tokens), segments=0, segment_layout="contiguous", kept_segments=None)
-    else:
-        flat = torch.nonzero(kept.flatten()).flatten().tolist()
-        fields = dict(num_prompts=len(tokens), segments=masks.segments, segment_layout=masks.layout, kept_segments=tuple(flat))
-    config = dataclasses.replace(model.config, **fields)
+        return dataclasses.replace(config, num_prompts=kept.shape[0], segments=0, segment_layout="contiguous", kept_segments=None)
+    flat = tuple(torch.nonzero(kept.flatten()).flatten().tolist())
+    return dataclasses.replace(
+        config, num_prompts=kept.shape[0], segments=masks.segments, segment_layout=masks.layout, kept_segments=flat
+    )
+
+
+def kept_tokens(masks: Masks) -> Tensor:
+    """Indices of the tokens a compact model keeps: the surviving ones, or all in "zero" mode."""
+    return torch.nonzero(masks.token).flatten() if masks.mode == "log" else torch.arange(len(masks.token))
+
+
+def kept_segments(masks: Masks) -> Tensor:
+    """Stored segments (p', R) of the kept tokens; in "zero" mode a pruned token stores none."""
+    return masks.segment[kept_tokens(masks)] if masks.mode == "log" else masks.segment & masks.token[:, None]
+
+
+def compact(model: PromptModel, masks: Masks) -> PromptModel:
+    """A new PromptModel on the same backbone without what ``masks`` prunes: pruned tokens
+    removed ("log" mode) or kept as zero vectors ("zero" mode), pruned segments not stored."""
+    config = compact_config(model.config, masks)
+    visual = visual_prompts(model)
     device = next(model.parameters()).device
     small = PromptModel(model.backbone, config, model.num_classes).to(device)
     small.metadata = dict(model.metadata)
     small_visual = visual_prompts(small)
     prefix = "method." + ("visual." if isinstance(config, E2VPTConfig) else "")
     with torch.no_grad():
-        table = torch.stack([visual.prompt_table(s) for s in range(visual.table_shape[0])])[:, tokens.to(device)]  # sets, p', k
+        table = torch.stack([visual.prompt_table(s) for s in range(visual.table_shape[0])])  # sets, p, k
+        table = table[:, kept_tokens(masks).to(device)]
     state = {k: v for k, v in model.tuned_state_dict().items() if not k.startswith(prefix + "prompt_")}
     if small_visual.kept_positions is None:
         state[prefix + "prompt_embeddings"] = table
