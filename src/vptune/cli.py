@@ -251,7 +251,7 @@ def sweep(
     seeds: str = typer.Option("42,44,82,100,800", help="Seeds of the final runs on train+val (the first also seeds the search)."),
     epochs: int = typer.Option(100, help="Epochs of every run (the official recipe: 100)."),
     batch_size: int = typer.Option(128, help="Images per step (the official recipe: 128; 64 for long prompts)."),
-    warmup_epochs: float = typer.Option(10.0, help="Linear warm-up epochs before the cosine decay (official: 10)."),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Warm-up epochs before the cosine decay (default: a tenth, as 10 of 100)."),
     optimizer: str = typer.Option("sgd", help="sgd (momentum 0.9, the VPT recipe) or adamw."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast on CPU and GPU)."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
@@ -269,14 +269,15 @@ def sweep(
     scheduler: str = typer.Option("none", help="none, or asha: stop weak grid points early on per-epoch val top-1."),
 ) -> None:
     """Search lr x wd on val, retrain the winner on train+val with each seed, report test (REFERENCE.md 1)."""
-    from vptune.sweep import SweepConfig, run_sweep
+    from vptune.sweep import SweepConfig, SweepInterrupted, run_sweep
     from vptune.train import TrainConfig
 
     options = method_options(method, dict(num_kv_prompts=num_kv_prompts, rank=rank, dropout=dropout, path=path), option)
     config = SweepConfig(
         backbone=backbone, method=method, data=list(data), out=out, method_options=options,
         train=TrainConfig(
-            epochs=epochs, batch_size=batch_size, warmup_epochs=warmup_epochs, optimizer=optimizer, precision=precision,
+            epochs=epochs, batch_size=batch_size, warmup_epochs=epochs / 10 if warmup_epochs is None else warmup_epochs,
+            optimizer=optimizer, precision=precision,
             grad_accum=grad_accum, num_workers=num_workers, device=device, scale_lr=True,
         ),
         lr_grid=parse_grid(lr_grid, float, "--lr-grid"), wd_grid=parse_grid(wd_grid, float, "--wd-grid"),
@@ -285,7 +286,12 @@ def sweep(
         pretrained=pretrained, address=address, num_cpus=num_cpus, cpus_per_trial=cpus_per_trial,
         gpus_per_trial=gpus_per_trial, scheduler=scheduler,
     )
-    summary = run_sweep(config, console=console)
+    try:
+        summary = run_sweep(config, console=console)
+    except (KeyboardInterrupt, SweepInterrupted) as err:
+        message = str(err) or "the sweep was interrupted; run the same command again to resume it"
+        err_console.print(f"[bold red]interrupted:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     table = Table(title=f"{method} on {backbone}: chosen on val, test top-1 over {len(config.seeds)} seeds")
     for column in ("task", "group", "base lr", "wd", "prompts", "val top-1", "test top-1", "tuned %"):
         table.add_column(column)

@@ -28,14 +28,15 @@ from .protocol import (
     task_name,
     write_json,
 )
-from .tune import RaySession, Trainer, check_settings, run_all
+from .tune import RaySession, SweepInterrupted, Trainer, check_settings, run_all
 
 
 def run_sweep(config: SweepConfig, trainer: Trainer | None = None, console: Console | None = None) -> dict[str, Any]:
     """Run the protocol and return the summary written to ``sweep.json``.
 
     ``trainer`` trains one run (default ``vptune.train.train_run``; it must be importable by
-    Ray's workers). A failed run is recorded with its error and the sweep goes on without it.
+    Ray's workers). A failed run is recorded with its error and the sweep goes on without it;
+    an interrupted sweep raises ``SweepInterrupted`` and resumes when run again.
     """
     if trainer is None:
         from ..train import train_run as trainer
@@ -60,5 +61,5 @@ def run_sweep(config: SweepConfig, trainer: Trainer | None = None, console: Cons
 
 __all__ = [
     "OFFICIAL_BASE_LRS", "OFFICIAL_SEEDS", "OFFICIAL_WEIGHT_DECAYS", "SWEEP_JSON", "SWEEP_MD", "Outcome", "Run",
-    "SweepConfig", "Trainer", "choose", "markdown", "run_sweep", "summarize", "task_group", "task_name",
+    "SweepConfig", "SweepInterrupted", "Trainer", "choose", "markdown", "run_sweep", "summarize", "task_group", "task_name",
 ]

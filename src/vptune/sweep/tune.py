@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ray.tune import Callback
 from rich.console import Console
 
 from ..train import TrainConfig
@@ -132,6 +133,7 @@ def run_all(session: RaySession, runs: list[Run], phase: str, trainer: Trainer) 
         tune.with_parameters(run_trial, config=config, trainer=trainer),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
+    ended = EndedTrials()
     tuner = tune.Tuner(
         trainable,
         param_space={"run": tune.grid_search([run.to_dict() for run in pending])},
@@ -143,6 +145,7 @@ def run_all(session: RaySession, runs: list[Run], phase: str, trainer: Trainer) 
             storage_path=str(config.out / "ray"),
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=1,
+            callbacks=[ended],
             progress_reporter=tune.CLIReporter(
                 parameter_columns={f"run/{key}": key for key in ("task", "base_lr", "weight_decay", "num_prompts", "seed")},
                 metric_columns=["epoch", "val_top1", "test_top1"],
@@ -153,11 +156,33 @@ def run_all(session: RaySession, runs: list[Run], phase: str, trainer: Trainer) 
     # Ray's newer output engine ignores the reporter and prints every trial's config and result.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for result in tuner.fit():
-        run = Run(**result.config["run"])
+        run = Run(**result.config["run"]) if result.config else None
+        if run is None or (result.error is None and run not in ended.runs):
+            continue  # interrupted (Ctrl-C): Ray Tune returns normally, with the trial unfinished
         outcomes[run] = outcome_of(config, run, result.error, result.metrics or {})
         if outcomes[run].status == "failed":
             console.print(f"[bold red]failed[/]: {run.name()}: {first_line(outcomes[run].error)}", highlight=False)
+    unfinished = [run.name() for run in pending if run not in outcomes]
+    if unfinished:
+        raise SweepInterrupted(
+            f"the sweep was interrupted with {len(unfinished)} runs unfinished ({', '.join(unfinished[:4])}"
+            f"{', ...' if len(unfinished) > 4 else ''}); run the same command again to resume it"
+        )
     return {run: outcomes[run] for run in runs}
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep was stopped (Ctrl-C) before every run ended; its folder resumes it."""
+
+
+class EndedTrials(Callback):
+    """Remembers the trials that ran to their end (finished, or stopped by the scheduler)."""
+
+    def __init__(self) -> None:
+        self.runs: set[Run] = set()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.runs.add(Run(**trial.config["run"]))
 
 
 def trial_name(trial: Any) -> str:
