@@ -148,3 +148,24 @@ def test_overload_gets_503_with_retry_after_and_slow_requests_504(tasks_dir):
     with BackgroundServer(create_app(model, slow)) as server:
         (response,) = asyncio.run(_post_many(server.url, ["deep"]))
         assert response.status_code == 504 and "not served within 0.2 s" in response.json()["detail"]
+
+
+def test_bench_serve_command(tmp_path):
+    """A small bench-serve end to end: every figure is reported and the load test has no error."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vptune.cli import app
+
+    out = tmp_path / "bench.json"
+    args = ["bench-serve", "--batch-size", "8", "--rounds", "1", "--requests", "24", "--clients", "4", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert len(report["tasks"]) == 8
+    assert set(report["throughput"]) >= {"mixed_img_s", "single_img_s", "own_models_img_s", "mixed_vs_single", "mixed_vs_own_models"}
+    load = report["load_test"]
+    assert (load["requests"], load["ok"], load["errors"]) == (24, 24, 0)
+    assert load["p50_ms"] <= load["p99_ms"]
+    assert "HTTP load test on 127.0.0.1" in result.output

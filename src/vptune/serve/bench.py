@@ -5,7 +5,8 @@ Two measurements in one run:
 1. Model throughput. Batches whose images are drawn from 8 tasks of different methods go
    through ``MultiTaskModel`` in one pass; they are compared with batches of a single task
    (the mean over the tasks) and with running each task's own ``PromptModel`` on its
-   sub-batch. Timed in interleaved rounds after a warm-up; medians.
+   sub-batch. Timed in interleaved rounds after a warm-up; images/s from the median times,
+   the ratios as the median of the per-round ratios (robust to load changing over time).
 2. A load test of the HTTP server on 127.0.0.1 only: a bounded number of requests from
    concurrent clients, each with a timeout and the whole test under a deadline, so it
    stops by itself; it reports errors and latency percentiles.
@@ -101,12 +102,15 @@ def measure_throughput(
         **{f"single:{name}": (lambda name=name: model(images, name)) for name in names},
     }
     times: dict[str, list[float]] = {key: [] for key in jobs}
+    vs_single, vs_own = [], []  # per round, so that load drifting between rounds cancels out
     with torch.no_grad():
         for key, job in jobs.items():  # warm-up, and the key/value banks
             job()
         for _ in range(rounds):
             for key, job in jobs.items():
                 times[key].append(_timed(job, sync))
+            vs_single.append(statistics.mean(times[f"single:{name}"][-1] for name in names) / times["mixed"][-1])
+            vs_own.append(times["own_models"][-1] / times["mixed"][-1])
     median = {key: statistics.median(values) for key, values in times.items()}
     single = statistics.mean(median[f"single:{name}"] for name in names)
     return {
@@ -116,8 +120,8 @@ def measure_throughput(
         "mixed_img_s": batch_size / median["mixed"],
         "single_img_s": batch_size / single,
         "own_models_img_s": batch_size / median["own_models"],
-        "mixed_vs_single": single / median["mixed"],
-        "mixed_vs_own_models": median["own_models"] / median["mixed"],
+        "mixed_vs_single": statistics.median(vs_single),
+        "mixed_vs_own_models": statistics.median(vs_own),
         "single_task_img_s": {name: batch_size / median[f"single:{name}"] for name in names},
     }
 

@@ -11,9 +11,10 @@ can serve a batch in which every image belongs to another task:
   gathers them per sample, padded to the longest and masked with a ``-inf`` key bias;
 - prompts whose outputs flow on to the next block (VPT-shallow, deep prompts in a subset of
   blocks) ride in a per-sample token segment after the prefix tokens, padded and masked
-  the same way, and are carried from block to block per task. The batch is sorted by task
-  with these "carrier" tasks first, and in such a block only the carriers' rows take the
-  token path (the others the key/value path), so no image pays for another task's tokens;
+  the same way, and are carried from block to block per task;
+- the batch is sorted by task and split into at most three row groups (tasks with prompt
+  tokens in some block, tasks with extra keys/values only, the rest), each one
+  ``block_forward`` per block, so no image pays for another group's tokens or keys;
 - APT's attention-output term and VPT's token offsets are applied to each task's rows;
 - each task keeps its own head and label set.
 
@@ -74,12 +75,13 @@ class Task:
     """A loaded run and how its prompts travel through the blocks."""
 
     name: str
-    run_dir: Path
+    run_dir: Path | None  # None: added in memory with add_model
     model: PromptModel  # its method and head; its backbone is the shared one
     plan: tuple[str | None, ...]  # per block: None (no prompts), "kv" (keys/values only) or "tokens" (carried on)
     num_prompts: int  # prompt tokens per prompted block (0: none)
     key_bias: Tensor | None  # (p,) the method's log-mask on its prompt tokens
     labels: list[str]
+    group: int  # 0: prompt tokens go through some block; 1: extra keys/values only; 2: neither
 
     @property
     def method_name(self) -> str:
@@ -160,7 +162,7 @@ class MultiTaskModel(nn.Module):
                 f"task {name!r} ({method}) cannot share this backbone's pass: {why}. "
                 "Build it on the same backbone, or serve it on its own"
             )
-        task = self._describe(name, Path(run_dir) if run_dir is not None else Path("<memory>"), model.eval())
+        task = self._describe(name, None if run_dir is None else Path(run_dir), model.eval())
         with self._lock:
             if name in self._info:
                 raise ValueError(f"task {name!r} is already loaded (from {self._info[name].run_dir}); remove it first")
@@ -187,7 +189,7 @@ class MultiTaskModel(nn.Module):
         with self._lock:
             return sorted(self._info)
 
-    def _describe(self, name: str, run_dir: Path, model: PromptModel) -> Task:
+    def _describe(self, name: str, run_dir: Path | None, model: PromptModel) -> Task:
         method, depth = model.method, len(self.backbone.blocks)
         layers = frozenset(method.prompt_layers)
         num_prompts, key_bias = 0, None
@@ -197,13 +199,15 @@ class MultiTaskModel(nn.Module):
                 bias = method.prompt_key_bias(1)
                 if bias is not None:
                     if bias.shape[0] != 1:
-                        raise ValueError(f"run {run_dir}: its prompt mask is per sample; a served task needs one mask")
+                        raise ValueError(f"task {name!r}: its prompt mask is per sample (B, p); a served task needs one mask (p,)")
                     key_bias = bias[0].detach()
         names = model.metadata.get("class_names")
         labels = [str(n) for n in names] if isinstance(names, list) and len(names) == model.num_classes else None
+        plan = _prompt_plan(layers, depth)
+        extra_keys = "kv" in plan or any(method.kv_prompts(i) is not None for i in range(depth))
         return Task(
-            name=name, run_dir=run_dir, model=model, plan=_prompt_plan(layers, depth), num_prompts=num_prompts,
-            key_bias=key_bias, labels=labels or [str(i) for i in range(model.num_classes)],
+            name=name, run_dir=run_dir, model=model, plan=plan, num_prompts=num_prompts, key_bias=key_bias,
+            labels=labels or [str(i) for i in range(model.num_classes)], group=0 if "tokens" in plan else 1 if extra_keys else 2,
         )
 
     # --- the cached keys/values ----------------------------------------------------------------
@@ -250,7 +254,7 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"{images.shape[0]} images but {len(tasks)} task names: give one task per image")
         with self._lock, torch.no_grad():
             info = [self.task(name) for name in dict.fromkeys(tasks)]
-            info.sort(key=lambda task: "tokens" not in task.plan)  # carriers first: their rows form a prefix
+            info.sort(key=lambda task: task.group)
             position = {task.name: j for j, task in enumerate(info)}
             order = sorted(range(len(tasks)), key=lambda j: position[tasks[j]])  # each task's rows contiguous
             sizes = Counter(position[name] for name in tasks)
@@ -266,24 +270,29 @@ class MultiTaskModel(nn.Module):
             return out  # type: ignore[return-value]
 
     def _walk(self, x: Tensor, info: list[Task], spans: list[slice]) -> Tensor:
-        """The blocks over the task-sorted batch. In a block where some task's prompt tokens go
-        through the block, the carriers' rows (a prefix) take the token path and the other rows
-        the key/value path, so no row pays for another task's prompt tokens."""
+        """The blocks over the task-sorted batch, in up to three row groups: tasks whose prompt
+        tokens go through blocks, tasks with extra keys/values only, and the rest. Each group is
+        one ``block_forward`` per block, so no row pays for another group's tokens or keys."""
         banks = [self._bank(task, x) for task in info]
-        carriers = sum("tokens" in task.plan for task in info)
-        split = spans[carriers - 1].stop if carriers else 0
-        tail = [slice(s.start - split, s.stop - split) for s in spans[carriers:]]
-        slot: Tensor | None = None  # prompt tokens (split, P, d) carried out of the last block
+        groups = []  # (rows, task indices): contiguous, in sorted order
+        for group in (0, 1, 2):
+            members = [j for j, task in enumerate(info) if task.group == group]
+            if members:
+                groups.append((slice(spans[members[0]].start, spans[members[-1]].stop), members))
+        slot: Tensor | None = None  # prompt tokens (rows of group 0, P, d) carried out of the last block
         for i, block in enumerate(self.backbone.blocks):
             x = _offsets(i, x, info, spans)
-            if any(task.plan[i] == "tokens" for task in info[:carriers]):
-                head, slot = self._block(i, block, x[:split], info[:carriers], spans[:carriers], banks[:carriers], slot)
-                if split < x.shape[0]:
-                    rest, _ = self._block(i, block, x[split:], info[carriers:], tail, banks[carriers:], None)
-                    head = torch.cat([head, rest])
-                x = head
-            else:
-                x, slot = self._block(i, block, x, info, spans, banks, slot)
+            outputs = []
+            for rows, members in groups:
+                local = [slice(spans[j].start - rows.start, spans[j].stop - rows.start) for j in members]
+                out, carried = self._block(
+                    i, block, x[rows], [info[j] for j in members], local, [banks[j] for j in members],
+                    slot if info[members[0]].group == 0 else None,
+                )
+                if info[members[0]].group == 0:
+                    slot = carried
+                outputs.append(out)
+            x = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return x
 
     def _block(
