@@ -466,3 +466,98 @@ def prune(
     console.print(f"training epochs spent: {report['training_epochs']} (search: {report['search']['epochs']}); "
                   f"masked vs compact logits max |diff| {report['masked_vs_compact_max_abs_diff']:.2e}")
     console.print(f"wrote {out} and {out / PRUNE_FILE}")
+
+
+# --- demo and benchmark: every method on the embedded mini-benchmark -----------------------
+
+
+def comma_list(text: Optional[str]) -> Optional[list[str]]:
+    return None if text is None else [item.strip() for item in text.split(",") if item.strip()]
+
+
+def invocation() -> str:
+    import sys
+
+    return " ".join(["vptune", *sys.argv[1:]])
+
+
+def run_line(row: dict[str, Any], done: int, total: int) -> str:
+    if row["error"]:
+        return f"[{done}/{total}] {row['task']} {row['method']}: [red]diverged[/] ({escape(row['error'][:80])})"
+    return (f"[{done}/{total}] {row['task']} {row['method']}: test top-1 {row['test_top1']:.2f}% "
+            f"(val {row['val_top1']:.2f}%), {row['wall_time_s']:.0f} s")
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Folder for the runs, report.md and the PNG plots; rerun to resume."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated mini tasks or data specs (default: digits,count)."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: linear,full,vpt-shallow,vpt-deep,e2vpt,apt,lora)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs for every method instead of each recipe's own."),
+    weights: Optional[Path] = typer.Option(None, help="Backbone weights instead of the bundled backbone's shipped ones."),
+) -> None:
+    """Train linear, full, VPT-shallow/deep, E2VPT, APT and LoRA on two mini tasks; write a report with plots."""
+    import time
+
+    from vptune.backbones import BUNDLED_BACKBONE
+    from vptune.compare import DEMO_METHODS, DEMO_TASKS, compare, recipes_for
+    from vptune.report import rich_table, write_demo_report
+
+    task_list = comma_list(tasks) or list(DEMO_TASKS)
+    recipes = recipes_for(comma_list(methods) or DEMO_METHODS, **({} if epochs is None else {"epochs": epochs}))
+    total, done, started = len(task_list) * len(recipes), [], time.perf_counter()
+    with console.status(f"training 1/{total} ...") as status:
+        def on_run(row: dict[str, Any]) -> None:
+            done.append(row)
+            console.print(run_line(row, len(done), total), highlight=False)
+            status.update(f"training {len(done) + 1}/{total} ...")
+
+        rows = compare(task_list, recipes, out, weights=weights, on_run=on_run)
+    wall = time.perf_counter() - started
+    Console(width=max(console.width, 120)).print(rich_table(rows, f"{BUNDLED_BACKBONE}: {wall / 60:.1f} min"))
+    report = write_demo_report(rows, recipes, out, command=invocation(), backbone=BUNDLED_BACKBONE, wall_time_s=wall)
+    console.print(f"report: {report} (plots next to it)")
+
+
+benchmark_app = typer.Typer(help="Benchmarks: every method on every task of a suite.", no_args_is_help=True)
+app.add_typer(benchmark_app, name="benchmark")
+
+
+@benchmark_app.command("mini")
+@user_errors
+def benchmark_mini(
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: all ten)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated mini tasks (default: all six)."),
+    lrs: str = typer.Option("0.3,1,3", help="Learning-rate factors: each method's recipe lr times each is tried on val."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs for every run instead of each recipe's own."),
+    out: Path = typer.Option(Path("benchmark-mini"), help="Folder for the runs; rerun the same command to resume."),
+    results: Path = typer.Option(Path("docs/results-mini.md"), help="Markdown file whose benchmark section is (re)written."),
+    weights: Optional[Path] = typer.Option(None, help="Backbone weights instead of the bundled backbone's shipped ones."),
+) -> None:
+    """Every mini task x every method: lr chosen on val200, retrained on train+val, test top-1 (resumable)."""
+    import time
+
+    from vptune.backbones import BUNDLED_BACKBONE
+    from vptune.compare import BENCHMARK_METHODS, benchmark, recipes_for
+    from vptune.data import MINI_TASKS
+    from vptune.report import results_mini_block, rich_table, write_results_mini
+
+    task_list = comma_list(tasks) or list(MINI_TASKS)
+    factors = parse_grid(lrs, float, "--lrs")
+    recipes = recipes_for(comma_list(methods) or BENCHMARK_METHODS, **({} if epochs is None else {"epochs": epochs}))
+    total, done, started = len(task_list) * len(recipes), [], time.perf_counter()
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        block = results_mini_block(rows, recipes, command=invocation(), lr_factors=factors, backbone=BUNDLED_BACKBONE,
+                                   wall_time_s=time.perf_counter() - started, complete=len(rows) == total)
+        write_results_mini(results, block)
+
+    def on_run(row: dict[str, Any]) -> None:
+        done.append(row)
+        console.print(run_line(row, len(done), total) + f" (lr {row['lr']:g})", highlight=False)
+        write(done)
+
+    rows = benchmark(task_list, recipes, out, lr_factors=factors, weights=weights, on_run=on_run)
+    Console(width=max(console.width, 120)).print(rich_table(rows, f"mini-benchmark, {BUNDLED_BACKBONE}"))
+    console.print(f"results: {results}")

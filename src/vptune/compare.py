@@ -1,0 +1,209 @@
+"""Method x task comparisons: the runs behind ``vptune demo`` and ``vptune benchmark mini``.
+
+A comparison trains each method's fixed recipe on each task (a data spec; by default tasks of
+the embedded mini-benchmark) with ``train_run`` and returns one row per run. Runs live in
+``OUT/runs/TASK/METHOD[/STAGE]``: a finished run (its ``metrics.json``) is read back rather
+than retrained and a killed one resumes from its checkpoint, so a long comparison can be
+stopped and started again with the same command.
+
+``compare`` trains once per (task, method) on train800 and scores val200 and test.
+``benchmark`` applies the papers' selection rule in small: for each learning rate of a short
+grid (the recipe's lr times each factor) train on train800 and score val200, then retrain the
+lr with the best val top-1 on the 1000 train+val images and report its test top-1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .backbones import BUNDLED_BACKBONE
+from .data import MINI_TASKS
+from .train import NonFiniteLossError, TrainConfig, train_run
+from .train.checkpoint import CHECKPOINT_FILE
+from .train.run import METRICS_FILE, write_json
+
+FAILED_FILE = "failed.json"  # a run that diverged: kept as a result, not retried on resume
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a method is trained in a comparison: its options and its fixed training settings."""
+
+    method: str
+    options: dict[str, Any]
+    train: TrainConfig
+
+    def with_settings(self, **changes: Any) -> "Recipe":
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, **changes))
+
+    def summary(self) -> str:
+        t = self.train
+        options = ", ".join(f"{k}={v}" for k, v in self.options.items()) or "defaults"
+        return (f"{options}; {t.optimizer} lr {t.lr:g}, wd {t.weight_decay:g}, {t.epochs} epochs "
+                f"({t.warmup_epochs:g} warm-up, cosine), batch {t.batch_size}, {t.precision}")
+
+
+def _recipe(method: str, lr: float, epochs: int = 5, weight_decay: float = 1e-4, **options: Any) -> Recipe:
+    cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr, weight_decay=weight_decay, optimizer="adamw",
+                      warmup_epochs=1.0, precision="bf16", eval_every=1, seed=0)
+    return Recipe(method, options, cfg)
+
+
+# Fixed per-method recipes for the bundled backbone (d=192, 6 blocks, 65 tokens): AdamW, since a
+# handful of epochs is all 2 CPU cores allow and AdamW converges there without SGD's long lr
+# search; prompt counts scaled down from ViT-B's 50 to the small model's 64 patches.
+RECIPES: dict[str, Recipe] = {r.method: r for r in (
+    _recipe("linear", lr=1e-2),
+    _recipe("mlp", lr=3e-3),
+    _recipe("full", lr=3e-4, weight_decay=0.05),
+    _recipe("bias", lr=3e-3),
+    _recipe("partial", lr=1e-3, weight_decay=0.05),
+    _recipe("lora", lr=3e-3),
+    _recipe("vpt-shallow", lr=1e-2, num_prompts=10),
+    _recipe("vpt-deep", lr=1e-2, num_prompts=10),
+    _recipe("e2vpt", lr=1e-2),
+    _recipe("apt", lr=1e-2, num_prompts=10),
+)}
+
+DEMO_TASKS = ("digits", "count")  # one natural task (not clothes), one structured (spatial reasoning)
+DEMO_METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "e2vpt", "apt", "lora")
+BENCHMARK_METHODS = ("linear", "mlp", "full", "bias", "partial", "lora", "vpt-shallow", "vpt-deep", "e2vpt", "apt")
+BENCHMARK_LR_FACTORS = (0.3, 1.0, 3.0)
+
+
+def recipes_for(methods: Iterable[str], **settings: Any) -> list[Recipe]:
+    """The fixed recipes of ``methods``, with training ``settings`` (e.g. epochs) overridden."""
+    chosen = []
+    for method in methods:
+        if method not in RECIPES:
+            raise ValueError(f"no comparison recipe for method {method!r}; expected some of: {', '.join(RECIPES)}")
+        chosen.append(RECIPES[method].with_settings(**settings) if settings else RECIPES[method])
+    return chosen
+
+
+def task_spec(task: str) -> str:
+    """A task name of the mini-benchmark (``count``) or any data spec (``vtab1k:ROOT/TASK``) as a data spec."""
+    if ":" in task:
+        return task
+    if task not in MINI_TASKS:
+        raise ValueError(f"unknown mini task {task!r}; the mini-benchmark has: {', '.join(MINI_TASKS)} "
+                         "(or give a data spec such as vtab1k:ROOT/TASK)")
+    return f"mini:{task}"
+
+
+def task_name(spec: str) -> str:
+    return spec.partition(":")[2].rstrip("/").split("/")[-1]
+
+
+def task_group(spec: str) -> str:
+    kind, _, name = spec.partition(":")
+    return MINI_TASKS[name].group if kind == "mini" and name in MINI_TASKS else "other"
+
+
+def run_once(
+    folder: Path, recipe: Recipe, data: str, *, backbone: str, weights: str | Path | None, final: bool, progress: bool
+) -> dict[str, Any]:
+    """Metrics of one run: read back if finished, resumed if killed, trained otherwise.
+    A diverged run returns ``{"error": message}`` and is remembered as such."""
+    if (folder / FAILED_FILE).is_file():
+        return json.loads((folder / FAILED_FILE).read_text())
+    if (folder / METRICS_FILE).is_file():
+        saved = json.loads((folder / METRICS_FILE).read_text()).get("train_config")
+        if saved != recipe.train.to_dict():
+            changed = sorted(k for k, v in recipe.train.to_dict().items() if saved is None or saved.get(k) != v)
+            raise ValueError(f"{folder} holds a finished run made with other settings ({', '.join(changed)} differ): "
+                             "use another --out, or the settings it was made with")
+    resume = (folder / CHECKPOINT_FILE).is_file() or (folder / METRICS_FILE).is_file()
+    try:
+        return train_run(backbone, recipe.method, recipe.options, data, folder, recipe.train,
+                         weights=weights, final=final, resume=resume, progress=progress)
+    except NonFiniteLossError as err:
+        failed = {"error": str(err), "method": recipe.method, "data": data}
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / FAILED_FILE, failed)
+        return failed
+
+
+def row(spec: str, recipe: Recipe, metrics: dict[str, Any], folder: Path, **extra: Any) -> dict[str, Any]:
+    """One table row: what was run and what it scored (None where the run diverged)."""
+    keys = ("val_top1", "test_top1", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s", "images_per_s")
+    return {"task": task_name(spec), "group": task_group(spec), "method": recipe.method, "lr": recipe.train.lr,
+            **{key: metrics.get(key) for key in keys}, "error": metrics.get("error"), "run": str(folder), **extra}
+
+
+def compare(
+    tasks: Sequence[str],
+    recipes: Sequence[Recipe],
+    out: Path,
+    *,
+    backbone: str = BUNDLED_BACKBONE,
+    weights: str | Path | None = None,
+    progress: bool = False,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train every recipe on every task's train800 once; one row per run (val and test top-1)."""
+    rows = []
+    for spec in map(task_spec, tasks):
+        for recipe in recipes:
+            folder = Path(out) / "runs" / task_name(spec) / recipe.method
+            metrics = run_once(folder, recipe, spec, backbone=backbone, weights=weights, final=False, progress=progress)
+            rows.append(row(spec, recipe, metrics, folder))
+            if on_run is not None:
+                on_run(rows[-1])
+    return rows
+
+
+def benchmark(
+    tasks: Sequence[str],
+    recipes: Sequence[Recipe],
+    out: Path,
+    *,
+    lr_factors: Sequence[float] = BENCHMARK_LR_FACTORS,
+    backbone: str = BUNDLED_BACKBONE,
+    weights: str | Path | None = None,
+    progress: bool = False,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """For each task and recipe: search the lr on val, retrain the winner on train+val, report test.
+
+    Returns one row per (task, method) from its final run, with ``val_top1`` of the chosen
+    search run and ``searched`` {lr: val top-1}. ``on_run(row)`` follows every finished
+    (task, method), so a caller can rewrite its results after each one."""
+    rows = []
+    for spec in map(task_spec, tasks):
+        for recipe in recipes:
+            base = Path(out) / "runs" / task_name(spec) / recipe.method
+            searched: dict[float, float | None] = {}
+            for factor in lr_factors:
+                candidate = recipe.with_settings(lr=recipe.train.lr * factor)
+                metrics = run_once(base / f"search-lr{candidate.train.lr:g}", candidate, spec,
+                                   backbone=backbone, weights=weights, final=False, progress=progress)
+                searched[candidate.train.lr] = metrics.get("val_top1")
+            scored = {lr: val for lr, val in searched.items() if val is not None}
+            if not scored:
+                rows.append(row(spec, recipe, {"error": "every learning rate diverged"}, base, searched=searched))
+            else:
+                best_lr = max(scored, key=lambda lr: (scored[lr], -lr))  # ties: the smaller lr
+                chosen = recipe.with_settings(lr=best_lr)
+                folder = base / f"final-lr{best_lr:g}"
+                metrics = run_once(folder, chosen, spec, backbone=backbone, weights=weights, final=True, progress=progress)
+                rows.append(row(spec, chosen, {**metrics, "val_top1": scored[best_lr]}, folder, searched=searched))
+            if on_run is not None:
+                on_run(rows[-1])
+    return rows
+
+
+def group_means(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """{group: {method: mean test top-1 over the group's tasks}}, for methods that finished every task of the group."""
+    groups: dict[str, dict[str, list[float | None]]] = {}
+    for r in rows:
+        groups.setdefault(r["group"], {}).setdefault(r["method"], []).append(r["test_top1"])
+    tasks_in = {g: len({r["task"] for r in rows if r["group"] == g}) for g in groups}
+    return {
+        group: {m: statistics.fmean(v) for m, v in methods.items() if None not in v and len(v) == tasks_in[group]}
+        for group, methods in groups.items()
+    }

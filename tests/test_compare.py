@@ -1,0 +1,143 @@
+"""Comparisons (vptune.compare) and their reports (vptune.report) on the bundled architecture
+with random weights and a tiny image folder: rows, resuming, the lr choice, markdown, PNGs."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from vptune import compare as comparison
+from vptune.backbones.bundled import build_bundled
+from vptune.cli import app
+from vptune.compare import BENCHMARK_METHODS, DEMO_METHODS, RECIPES, benchmark, compare, group_means, recipes_for
+from vptune.methods import config_for
+from vptune.report import (
+    ACCURACY_PLOT, BEGIN, CURVES_PLOT, END, results_mini_block, rich_table, write_demo_report, write_results_mini,
+)
+from vptune.train import NonFiniteLossError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Random bundled-backbone weights and an image folder with train/val/test splits of two classes."""
+    root = tmp_path_factory.mktemp("compare")
+    torch.manual_seed(0)
+    save_file(build_bundled().state_dict(), str(root / "backbone.safetensors"))
+    for split, count in (("train", 4), ("val", 2), ("test", 2)):
+        for name, colour in {"red": (200, 30, 30), "blue": (30, 30, 200)}.items():
+            folder = root / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (16, 16), tuple(min(255, c + 9 * i) for c in colour)).save(folder / f"{i}.png")
+    return root
+
+
+def tiny(methods, **settings):
+    return recipes_for(methods, **{"epochs": 1, "batch_size": 4, "warmup_epochs": 0.0, "precision": "fp32", **settings})
+
+
+@pytest.fixture(scope="module")
+def demo_rows(workspace):
+    task = f"imagefolder:{workspace / 'images'}"
+    return compare([task], tiny(["linear", "vpt-deep"]), workspace / "demo", weights=workspace / "backbone.safetensors")
+
+
+def test_every_method_has_a_recipe_that_builds():
+    assert set(DEMO_METHODS) <= set(BENCHMARK_METHODS) == set(RECIPES)
+    for recipe in RECIPES.values():
+        assert config_for(recipe.method, **recipe.options).method_name() == recipe.method
+
+
+def test_compare_gives_one_row_per_run_with_the_runs_metrics(demo_rows, workspace):
+    assert [(r["task"], r["method"], r["group"]) for r in demo_rows] == [("images", "linear", "other"), ("images", "vpt-deep", "other")]
+    for r in demo_rows:
+        metrics = json.loads((workspace / "demo" / "runs" / "images" / r["method"] / "metrics.json").read_text())
+        assert r["test_top1"] == metrics["test_top1"] and r["val_top1"] == metrics["val_top1"]
+        assert r["tuned_percent"] == pytest.approx(100 * r["tuned_params"] / metrics["backbone_params"])
+    linear, deep = demo_rows
+    assert deep["tuned_params"] - linear["tuned_params"] == 10 * 192 * 6  # p * d * L prompt parameters
+    assert linear["extra_gflops"] == 0 < deep["extra_gflops"]
+
+
+def test_a_finished_comparison_is_read_back_not_retrained(demo_rows, workspace):
+    files = sorted((workspace / "demo" / "runs").rglob("*.*"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = compare([f"imagefolder:{workspace / 'images'}"], tiny(["linear", "vpt-deep"]), workspace / "demo")
+    assert again == demo_rows
+    assert sorted((workspace / "demo" / "runs").rglob("*.*")) == files and [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_other_settings_in_a_finished_run_folder_are_refused(demo_rows, workspace):
+    with pytest.raises(ValueError, match="other settings.*epochs"):
+        compare([f"imagefolder:{workspace / 'images'}"], tiny(["linear"], epochs=2), workspace / "demo")
+
+
+def test_the_demo_report_has_every_row_and_both_plots(demo_rows, workspace):
+    out = workspace / "demo"
+    report = write_demo_report(demo_rows, tiny(["linear", "vpt-deep"]), out, command="vptune demo", backbone="b", wall_time_s=3)
+    text = report.read_text()
+    for r in demo_rows:
+        assert f"| images | {r['method']} | {r['val_top1']:.1f} | {r['test_top1']:.1f} |" in text
+    for name in (ACCURACY_PLOT, CURVES_PLOT):
+        assert f"]({name})" in text and (out / name).read_bytes().startswith(PNG_MAGIC)
+    assert "adamw lr" in text and "num_prompts=10" in text
+    assert rich_table(demo_rows, "t").row_count == 2
+
+
+def test_benchmark_retrains_the_lr_with_the_best_val_on_train_and_val(workspace):
+    rows = benchmark([f"imagefolder:{workspace / 'images'}"], tiny(["linear"]), workspace / "bench",
+                     lr_factors=(0.1, 1.0), weights=workspace / "backbone.safetensors")
+    (r,) = rows
+    assert set(r["searched"]) == {RECIPES["linear"].train.lr * f for f in (0.1, 1.0)}
+    assert r["val_top1"] == max(r["searched"].values()) and r["searched"][r["lr"]] == r["val_top1"]
+    final = json.loads((workspace / "bench" / "runs" / "images" / "linear" / f"final-lr{r['lr']:g}" / "metrics.json").read_text())
+    assert final["final"] and r["test_top1"] == final["test_top1"]  # an image folder has no train+val list: train
+
+
+def test_a_diverged_run_is_a_row_and_is_not_retried(workspace, monkeypatch):
+    def diverge(*args, **kwargs):
+        raise NonFiniteLossError("training loss became nan")
+
+    monkeypatch.setattr(comparison, "train_run", diverge)
+    task = f"imagefolder:{workspace / 'images'}"
+    (r,) = compare([task], tiny(["apt"]), workspace / "diverged")
+    assert r["error"] == "training loss became nan" and r["test_top1"] is None
+    monkeypatch.setattr(comparison, "train_run", lambda *a, **k: pytest.fail("a diverged run was retried"))
+    assert compare([task], tiny(["apt"]), workspace / "diverged") == [r]
+    console = Console(record=True, width=200)
+    console.print(rich_table([r], "t"))
+    assert "diverged" in console.export_text()
+
+
+def test_group_means_count_only_methods_that_finished_every_task_of_the_group():
+    def r(task, group, method, top1):
+        return {"task": task, "group": group, "method": method, "test_top1": top1}
+
+    rows = [r("a", "natural", "x", 50.0), r("b", "natural", "x", 70.0), r("a", "natural", "y", 40.0),
+            r("b", "natural", "y", None), r("c", "structured", "x", 30.0)]
+    assert group_means(rows) == {"natural": {"x": 60.0}, "structured": {"x": 30.0}}
+
+
+def test_results_mini_replaces_its_block_and_keeps_other_sections(demo_rows, tmp_path):
+    path = tmp_path / "results-mini.md"
+    path.write_text("# Results\n\nintro\n\n## Pruning\npruning table\n")
+    for wall in (60, 120):
+        block = results_mini_block(demo_rows, tiny(["linear", "vpt-deep"]), command="vptune benchmark mini", lr_factors=(1,),
+                                   backbone="b", wall_time_s=wall, complete=False)
+        write_results_mini(path, block)
+    text = path.read_text()
+    assert text.count(BEGIN) == text.count(END) == 1 and "0.03 h" in text and "0.02 h" not in text
+    assert text.startswith("# Results\n") and "intro" in text and "## Pruning\npruning table" in text
+    assert "**Partial**" in text and "| linear |" in text
+
+
+def test_demo_without_the_bundled_weights_says_how_to_create_them(tmp_path, monkeypatch):
+    monkeypatch.setattr("vptune.backbones.loading.bundled_weights_path", lambda: tmp_path / "missing.safetensors")
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--methods", "linear"])
+    assert result.exit_code == 1 and "vptune pretrain" in result.output
