@@ -7,7 +7,7 @@ import timm
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation (10-50x slower on a loaded machine)
 
 ARCHITECTURES = {
     # class token, token pooling: the plain ViT
