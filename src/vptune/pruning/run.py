@@ -307,6 +307,7 @@ def prune_run(
         "segment_rate": segment_rate,
         "masks": masks.describe(),
         "token_scores": token_scores.tolist(),
+        "segment_scores": segment_scores_of[tuple(masks.token.tolist())].tolist() if segment_rate > 0 else None,
         "rewind_from": initial_source,
         "search": search,
         "training_epochs": training_epochs,
