@@ -176,6 +176,23 @@ def test_dynamic_image_size_both_paths():
         torch.testing.assert_close(pooled(vpt, images), literal_vpt(backbone, vpt_prompt_tokens(vpt), images), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("deep", [False, True])
+def test_vpt_add_location_equals_literal(deep):
+    """location="add": one prompt per sequence position, added to the tokens before each prompted block."""
+    backbone = tiny_vit("registers-dynamic")
+    model = randomize_(vptune.prompt_model(backbone, vptune.VPTConfig(deep=deep, location="add"), NUM_CLASSES)).eval()
+    images = images_of()
+    prompts = model.method.prompt_embeddings  # sets, N, d
+    assert prompts.shape[1] == 16 + backbone.num_prefix_tokens
+    with torch.no_grad():
+        x = embed(backbone, images)
+        for i, block in enumerate(backbone.blocks):
+            if deep or i == 0:
+                x = x + prompts[i if deep else 0]
+            x = block(x)
+        torch.testing.assert_close(pooled(model, images), backbone.forward_head(backbone.norm(x), pre_logits=True), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("config", [vptune.E2VPTConfig(num_prompts=3, dropout=0.3), vptune.VPTConfig(num_prompts=3, dropout=0.3)])
 def test_prompt_dropout_is_per_sample_and_identical_on_both_paths(config):
     kv_model = randomize_(vptune.prompt_model(tiny_vit("cls-token"), config, NUM_CLASSES)).train()
@@ -245,6 +262,17 @@ def test_cache_is_exact_and_filled_only_without_grad(cached_model):
         assert filled > 0, "eval + no_grad did not cache the prompt keys and values"
     torch.testing.assert_close(first, expected, atol=1e-6, rtol=0)
     assert torch.equal(first, second)
+
+
+def test_cache_under_inference_mode(cached_model):
+    images = images_of()
+    expected = uncached_logits(cached_model, images)
+    with torch.inference_mode():
+        first, second = cached_model(images), cached_model(images)
+    with torch.no_grad():
+        third = cached_model(images)  # entries made in inference mode serve a no_grad forward
+    for out in (first, second, third):
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
 
 def test_cache_not_used_when_grad_is_enabled(cached_model):
