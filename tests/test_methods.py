@@ -255,3 +255,29 @@ def test_import_timm_before_vptune():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(1, 3)"
+
+
+# --- initialisation (REFERENCE.md) --------------------------------------------------------------
+
+
+def test_initialisation_follows_the_reference():
+    backbone = tiny_vit("cls-token")
+    vpt = vptune.prompt_model(backbone, vptune.VPTConfig(num_prompts=50), C)
+    bound = (6 / (3 * 8 * 8 + D)) ** 0.5  # Xavier-uniform like a patch-embedding filter
+    prompts = vpt.method.prompt_embeddings
+    assert prompts.abs().max() <= bound and prompts.abs().max() > 0.95 * bound
+
+    e2vpt = vptune.prompt_model(backbone, vptune.E2VPTConfig(num_prompts=4, num_kv_prompts=5), C)
+    kv_bound = (6 / ((D // H) * 5)) ** 0.5  # Kaiming-uniform, fan_in = d_h * L_kv
+    for tensor in (e2vpt.method.key_prompts, e2vpt.method.value_prompts):
+        assert tensor.abs().max() <= kv_bound and tensor.abs().max() > 0.9 * kv_bound
+    assert not torch.equal(e2vpt.method.key_prompts, e2vpt.method.value_prompts)
+
+    apt = vptune.prompt_model(backbone, vptune.APTConfig(num_prompts=200, rank=4), C).method
+    assert abs(apt.prompt_embeddings.std().item() - 0.02) < 0.002
+    assert abs(apt.down.std().item() - 1.0) < 0.1
+    assert not apt.up.any() and not apt.log_scale.any()  # P_hat = P and exp(s) = 1 at init
+
+    head = vpt.head
+    assert torch.allclose(head.bias, torch.full((C,), -torch.log(torch.tensor(0.99 / 0.01)).item()))
+    assert head.weight.std().item() < 0.02
