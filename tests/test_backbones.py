@@ -115,3 +115,24 @@ def test_bad_weight_files(tmp_path):
     np.savez(tmp_path / "w.npz", unrelated=np.zeros(3))
     with pytest.raises(ValueError, match=r"w.npz does not fit VisionTransformer as big_vision npz"):
         load_backbone("test_vit", weights=tmp_path / "w.npz")
+
+
+def test_pretrain_writes_loadable_weights_and_card(tmp_path, monkeypatch):
+    from vptune.backbones import pretrain
+
+    rng = np.random.default_rng(0)
+    tiny = lambda split: (rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), np.arange(64) % 10)  # noqa: E731
+    monkeypatch.setattr(pretrain, "load_fashion_mnist", tiny)
+    threads = torch.get_num_threads()
+    try:
+        results = pretrain.pretrain(tmp_path / "out", epochs=1, batch_size=32, warmup_steps=1, threads=1,
+                                    work_dir=tmp_path / "work")
+    finally:
+        torch.set_num_threads(threads)
+    weights = tmp_path / "out" / f"{BUNDLED_BACKBONE}.safetensors"
+    assert not any(key.startswith("head.") for key in load_file(str(weights)))
+    load_backbone(BUNDLED_BACKBONE, weights=weights)
+    card = (tmp_path / "out" / "MODEL_CARD.md").read_text()
+    assert f"{results['test_accuracy'] * 100:.2f}%" in card
+    assert "python -m vptune.backbones.pretrain --out" in card and "--epochs 1 --batch-size 32" in card
+    assert (tmp_path / "work" / f"{BUNDLED_BACKBONE}-checkpoint.pt").is_file()
