@@ -85,6 +85,8 @@ def test_bad_sweeps_are_refused_with_the_reason(tmp_path):
         SweepConfig("b", "linear", ["mini:digits"], tmp_path, lr_grid=(), wd_grid=(-1.0,))
     with pytest.raises(ValueError, match="both task 'digits'"):
         SweepConfig("b", "linear", ["mini:digits", "vtab1k:/x/digits"], tmp_path)
+    with pytest.raises(ValueError, match="num_prompts.*from the num-prompts grid"):
+        SweepConfig("b", "linear", ["mini:digits"], tmp_path, num_prompts_grid=(5,))
     with pytest.raises(ValueError, match="scheduler 'hyperband'"):
         SweepConfig("b", "linear", ["mini:digits"], tmp_path, scheduler="hyperband")
     result = CliRunner().invoke(

@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..methods import config_for
 from ..train import TrainConfig
 
 # The official grid: lr = base_lr * batch / 256 (TrainConfig.scale_lr).
@@ -122,6 +123,11 @@ class SweepConfig:
             raise ValueError(f"bad sweep: {'; '.join(problems)}")
         if self.num_prompts_grid != (None,) and "num_prompts" in self.method_options:
             raise ValueError("num_prompts is both a method option and a grid: give only --num-prompts-grid")
+        for p in self.num_prompts_grid:  # a bad method option fails here, not in every trial
+            try:
+                config_for(self.method, **self.run_options(Run("", "", 1.0, 0.0, p, 0)))
+            except ValueError as err:
+                raise ValueError(f"{err}{'' if p is None else ' (from the num-prompts grid)'}") from None
 
     def search_runs(self) -> list[Run]:
         """Every (task, prompt length, base lr, weight decay), in grid order; searched with the first seed."""
