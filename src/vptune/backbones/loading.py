@@ -108,10 +108,11 @@ def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], source:
     except Exception:  # noqa: BLE001  a file it cannot convert is reported by the key check below
         pass
     own = model.state_dict()
-    classifier = model.pretrained_cfg.get("classifier", "head") if getattr(model, "pretrained_cfg", None) else "head"
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    heads = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier))
 
     def is_head(key: str) -> bool:
-        return key.startswith(f"{classifier}.")
+        return key.startswith(heads)
 
     missing = sorted(k for k in own if k not in state and not is_head(k))
     unexpected = sorted(k for k in state if k not in own and not is_head(k))
