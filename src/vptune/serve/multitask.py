@@ -228,7 +228,7 @@ class MultiTaskModel(nn.Module):
             if task.plan[i] == "kv" and i in method.prompt_layers:
                 k, v = prompt_keys_values(block, method.prompts(i, 1))  # 1, H, p, Dh
                 ks.append(k[0]), vs.append(v[0])
-                bs.append(task.key_bias if task.key_bias is not None else k.new_zeros(task.num_prompts))
+                bs.append(k.new_zeros(task.num_prompts) if task.key_bias is None else task.key_bias.to(k))
             kv = method.kv_prompts(i)
             if kv is not None:
                 ks.append(kv[0][0]), vs.append(kv[1][0])

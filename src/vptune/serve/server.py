@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 import torch
 from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from timm.data import resolve_data_config
 from torch import Tensor, nn
@@ -91,8 +91,10 @@ def decode_image(data: bytes, transform: Callable[[Image.Image], Tensor], channe
             image = image.convert("L" if channels == 1 else "RGB")
     except BadImage:
         raise
-    except Exception as error:  # noqa: BLE001  PIL raises many types for bad input
-        raise BadImage(f"not a readable image ({type(error).__name__}: {error}); send a PNG, JPEG or other PIL format") from None
+    except UnidentifiedImageError:
+        raise BadImage("not a readable image: PIL does not recognise the file's format; send a PNG, JPEG or other image") from None
+    except Exception as error:  # noqa: BLE001  PIL raises many types for a corrupt file
+        raise BadImage(f"not a readable image: the file is corrupt or truncated ({type(error).__name__}: {error})") from None
     return transform(image)
 
 
@@ -199,14 +201,16 @@ def create_app(model: MultiTaskModel, config: ServeConfig | None = None) -> Fast
         k: int = Query(5, ge=1, le=1000, description="How many top labels to return."),
     ) -> dict[str, Any]:
         """Classify one image with one task's head; requests across tasks share batches."""
-        if not TASK_NAME.match(task) or task not in model.task_names:
+        try:
+            served = model.task(task) if TASK_NAME.match(task) else None
+        except KeyError:
+            served = None
+        if served is None:
             raise HTTPException(404, f"no task {task!r}; GET /v1/tasks lists the tasks served here")
         try:
             async with batcher.admit():
                 data = await file.read()
-                transform = transforms.get(task) or transforms.setdefault(
-                    task, image_transform(model.task(task).model, preprocessing)
-                )
+                transform = transforms.get(task) or transforms.setdefault(task, image_transform(served.model, preprocessing))
                 try:
                     image = await asyncio.to_thread(decode_image, data, transform, channels, config.max_image_pixels)
                 except BadImage as error:
