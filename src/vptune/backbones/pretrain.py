@@ -233,7 +233,7 @@ random crop 32 from the image padded by 2+2 px (shifts up to 2 px) and horizonta
 ## Limitations
 Trained from scratch for few epochs on one small grayscale dataset, to fit a 2-core CPU: the
 model is underfit (a ViT this size needs many more epochs to pass a linear classifier on raw
-pixels, about 84% on Fashion-MNIST) and its features know nothing of colour, texture or scenes.
+pixels, about 84% in the Fashion-MNIST authors' benchmark) and its features know nothing of colour, texture or scenes.
 Numbers obtained with it show how methods compare on a weak backbone, not the papers' setting.
 
 ## Reproduce
