@@ -200,6 +200,7 @@ def bench(
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute blocks in backward."),
     rounds: int = typer.Option(5, help="Interleaved timing rounds after warm-up (medians are reported)."),
+    clock: str = typer.Option("wall", help="wall, or cpu: process CPU time (steadier on a shared CPU; use --threads 1)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as a JSON list."),
@@ -211,7 +212,7 @@ def bench(
     settings = BenchSettings(
         backbone=backbone, methods=parse_methods(methods), num_prompts=num_prompts, batch_size=batch_size,
         memory_batch_size=memory_batch_size, precision=precision, grad_checkpointing=grad_checkpointing,
-        rounds=rounds, device=device, threads=threads,
+        rounds=rounds, clock=clock, device=device, threads=threads,
     )
     rows = run_bench(settings, progress=lambda message: err_console.print(message, style="dim"))
     title = (
