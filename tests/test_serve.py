@@ -34,6 +34,25 @@ def make_run(backbone, method, options, classes, folder, seed):
     return folder
 
 
+def make_pruned_run(backbone, folder):
+    """A compact pruned E2VPT run: two of five tokens absent, two segments not stored."""
+    from vptune.pruning import Masks, compact
+
+    torch.manual_seed(99)
+    model = PromptModel(backbone, config_for("e2vpt", num_prompts=5, num_kv_prompts=2), 3)
+    with torch.no_grad():
+        for param in model.tuned_parameters().values():
+            param.add_(torch.randn_like(param) * 0.2)
+    token = torch.tensor([True, False, True, True, False])
+    segment = token[:, None].expand(-1, 4).clone()
+    segment[0, 1] = segment[3, 3] = False
+    small = compact(model, Masks(token, segment))
+    assert small.config.num_prompts == 3 and small.config.kept_segments is not None
+    small.metadata["class_names"] = ["a", "b", "c"]
+    small.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def runs(tmp_path, arch):
     backbone = tiny_vit(arch)
@@ -41,6 +60,7 @@ def runs(tmp_path, arch):
         name: make_run(backbone, method, options, classes, tmp_path / name, seed)
         for seed, (name, (method, options, classes)) in enumerate(RUNS.items())
     }
+    folders["pruned"] = make_pruned_run(backbone, tmp_path / "pruned")
     return backbone, folders
 
 
