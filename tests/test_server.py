@@ -40,7 +40,7 @@ def tasks_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def served(tasks_dir):
     model, skipped = load_tasks(tiny_vit(), tasks_dir)
-    config = ServeConfig(max_batch=8, max_wait_ms=100, max_body_bytes=64 * 1024)
+    config = ServeConfig(max_batch=8, max_wait_ms=300, max_body_bytes=64 * 1024)
     with BackgroundServer(create_app(model, config)) as server:
         yield server, model, skipped
 
@@ -138,11 +138,11 @@ def test_overload_gets_503_with_retry_after_and_slow_requests_504(tasks_dir):
     model, _ = load_tasks(tiny_vit(), tasks_dir)
     busy = ServeConfig(max_batch=64, max_wait_ms=1500, max_pending=2)
     with BackgroundServer(create_app(model, busy)) as server:
-        # Two requests wait 1.5 s for their batch to fill; the third, 0.5 s later, finds no room.
-        first, second, third = asyncio.run(_post_many(server.url, ["deep", "apt", "deep"], delay_s=0.25))
-        assert (first.status_code, second.status_code) == (200, 200)
-        assert third.status_code == 503 and third.headers["retry-after"] == "1"
-        assert "server busy" in third.json()["detail"]
+        # Two requests wait 1.5 s for their batch to fill; the one that comes last finds no room.
+        responses = asyncio.run(_post_many(server.url, ["deep", "apt", "deep"], delay_s=0.25))
+        assert sorted(r.status_code for r in responses) == [200, 200, 503]
+        (refused,) = [r for r in responses if r.status_code == 503]
+        assert refused.headers["retry-after"] == "1" and "server busy" in refused.json()["detail"]
         assert httpx.get(f"{server.url}/health", timeout=TIMEOUT).status_code == 200
     slow = ServeConfig(max_wait_ms=2000, request_timeout_s=0.2)
     with BackgroundServer(create_app(model, slow)) as server:
