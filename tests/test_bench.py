@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from vptune import config_for, prompt_model
 from vptune.attention import block_forward, prompt_keys_values
+from vptune.backbones.vit import pooled_features
 from vptune.bench import KEYS, BenchSettings, Entry, _cpu_peak_bytes, parse_methods, run_bench, write_csv, write_json
 from vptune.flops import count_flops
 
@@ -191,3 +192,24 @@ def test_cli_bench_passes_its_flags_and_writes_files(tmp_path, monkeypatch):
 
     bad = CliRunner().invoke(app, ["bench", "--precision", "fp16"])
     assert bad.exit_code == 1 and "precision must be fp32 or bf16" in bad.output
+
+
+# --- the last block computes only what pooling reads --------------------------------------------
+
+
+@pytest.mark.parametrize("method, options", [("vpt-deep", {}), ("vpt-deep", {"path": "tokens"}), ("apt", {}), ("lora", {})])
+def test_forward_equals_pooling_the_whole_last_sequence(arch, method, options, images):
+    model = prompt_model(tiny_vit(arch), config_for(method, **options), 5).train()
+    model.head.bias.data.normal_()
+
+    def logits_and_grads(logits_of):
+        model.zero_grad(set_to_none=True)
+        logits = logits_of(images)
+        logits.square().sum().backward()
+        return logits.detach(), {name: p.grad.clone() for name, p in model.tuned_parameters().items()}
+
+    fast, fast_grads = logits_and_grads(model)
+    full, full_grads = logits_and_grads(lambda x: model.head(pooled_features(model.backbone, model.forward_features(x))))
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
+    for name, grad in full_grads.items():  # 1e-5 relative to the gradient's largest entry
+        assert (fast_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max() + 1e-7, name

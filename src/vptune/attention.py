@@ -28,15 +28,18 @@ def attend(
     extra_k: Tensor | None = None,
     extra_v: Tensor | None = None,
     key_bias: Tensor | None = None,
+    queries: int | None = None,
 ) -> Tensor:
     """Self-attention of ``x`` (B, N, d), plus ``extra_k``/``extra_v`` (B|1, H, M, Dh) as
     additional keys and values. ``key_bias`` (B|1, 1, 1, N+M) is added to the attention
-    logits: a log-mask, where ``-inf`` removes a key exactly."""
+    logits: a log-mask, where ``-inf`` removes a key exactly. With ``queries`` only the first
+    ``queries`` tokens attend, and only their outputs (B, queries, d) are computed."""
     B, N, _ = x.shape
     H, Dh = attn.num_heads, attn.head_dim
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    n = N if queries is None else min(queries, N)
+    gate = attn.gate(x[:, :n]).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = attn.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
-    q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = attn.q_norm(q[:, :, :n]), attn.k_norm(k)  # q: B, H, n, Dh
     if extra_k is not None:
         k = torch.cat([k, extra_k.to(k.dtype).expand(B, -1, -1, -1)], dim=2)  # B, H, N+M, Dh
         v = torch.cat([v, extra_v.to(v.dtype).expand(B, -1, -1, -1)], dim=2)
@@ -46,7 +49,7 @@ def attend(
         key_bias = key_bias.to(q.dtype)
     dropout = attn.attn_drop.p if attn.training else 0.0
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout)
-    out = out.transpose(1, 2).reshape(B, N, H * Dh)
+    out = out.transpose(1, 2).reshape(B, n, H * Dh)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
@@ -73,11 +76,16 @@ def block_forward(
     extra_v: Tensor | None = None,
     key_bias: Tensor | None = None,
     attention_output: AttentionOutputHook | None = None,
+    queries: int | None = None,
 ) -> Tensor:
     """A timm pre-norm ``Block`` with extra keys/values; ``attention_output(u, a)`` may
-    rewrite the attention output ``a`` given the attention input ``u = LN1(x)`` (APT)."""
+    rewrite the attention output ``a`` given the attention input ``u = LN1(x)`` (APT).
+    With ``queries``, only the first ``queries`` tokens' outputs are computed (every token
+    still gives keys and values): a last block whose other outputs nobody reads."""
     u = block.norm1(x)
-    a = attend(block.attn, u, extra_k, extra_v, key_bias)
+    a = attend(block.attn, u, extra_k, extra_v, key_bias, queries)
+    if queries is not None:
+        u, x = u[:, :queries], x[:, :queries]
     if attention_output is not None:
         a = attention_output(u, a)
     x = x + block.drop_path1(block.ls1(a))

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backbones.vit import frozen_features
 from .flops import count_flops
 from .methods import METHOD_NAMES, MethodConfig, config_for
 from .model import PromptModel
@@ -49,7 +50,7 @@ KEYS = (
     "method", "path", "tuned_params", "tuned_percent", "gflops", "extra_gflops", "infer_img_s",
     "train_img_s", "peak_mem_mb", "infer_ratio", "train_ratio", "mem_ratio",
 )
-BACKBONE = "backbone"  # the row of the frozen backbone alone (timm's own forward)
+BACKBONE = "backbone"  # the row of the frozen backbone alone
 DEFAULT_METHODS = (
     "backbone", "vpt-deep:kv", "vpt-deep:tokens", "vpt-shallow", "e2vpt", "apt", "linear", "full", "lora",
 )
@@ -111,6 +112,7 @@ class BenchSettings:
     grad_checkpointing: bool = False
     rounds: int = 5
     warmup: int = 1
+    clock: str = "wall"  # "wall" | "cpu": this process's CPU time (CPU only), steadier on a shared machine
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int | None = None  # CPU threads (torch.set_num_threads); None: torch's default
     model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # for timm.create_model
@@ -118,6 +120,8 @@ class BenchSettings:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"clock must be wall or cpu, got {self.clock!r}")
         for name in ("num_prompts", "batch_size", "memory_batch_size", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -141,11 +145,23 @@ def create_backbone(settings: BenchSettings) -> nn.Module:
     return backbone.requires_grad_(False).eval().to(settings.device)
 
 
+class FrozenBackbone(nn.Module):
+    """The backbone alone, to pooled features, walked exactly as a PromptModel walks it (so with
+    token pooling its last block also computes only the class token): every ratio's reference."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, images: Tensor) -> Tensor:
+        return frozen_features(self.backbone, images)
+
+
 def build_model(entry: Entry, backbone: nn.Module, settings: BenchSettings) -> nn.Module:
-    """The model a row measures: the backbone itself, or a PromptModel around it."""
+    """The model a row measures: the frozen backbone alone, or a PromptModel around it."""
     config = entry.config(settings.num_prompts)
     if config is None:
-        return backbone
+        return FrozenBackbone(backbone)
     model = PromptModel(backbone, config, NUM_CLASSES).to(settings.device)
     model.set_grad_checkpointing(settings.grad_checkpointing)
     return model
@@ -191,8 +207,10 @@ def training_step(model: PromptModel, images: Tensor, labels: Tensor, settings: 
     return step
 
 
-def timed(step: Callable[[], None], device: str) -> float:
-    """Seconds ``step()`` takes (CUDA events on a GPU, so queued work is counted)."""
+def timed(step: Callable[[], None], device: str, clock: str = "wall") -> float:
+    """Seconds ``step()`` takes: CUDA events on a GPU, so queued work is counted; on CPU the wall
+    clock, or with ``clock="cpu"`` the CPU time of this process (all its threads), which other
+    processes competing for the cores do not inflate."""
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
@@ -201,9 +219,10 @@ def timed(step: Callable[[], None], device: str) -> float:
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1000.0
-    begin = time.perf_counter()
+    now = time.process_time if clock == "cpu" else time.perf_counter
+    begin = now()
     step()
-    return time.perf_counter() - begin
+    return now() - begin
 
 
 # --- peak training memory, in a fresh process -----------------------------------------------
@@ -304,7 +323,7 @@ def run_bench(settings: BenchSettings, progress: Callable[[str], None] | None = 
     for round_ in range(settings.warmup + settings.rounds):
         for entry, kinds in steps.items():  # interleaved: every method once per round
             for kind, step in kinds.items():
-                seconds = timed(step, settings.device)
+                seconds = timed(step, settings.device, settings.clock)
                 if round_ >= settings.warmup:
                     times[entry][kind].append(seconds)
         if round_ >= settings.warmup:

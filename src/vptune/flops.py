@@ -53,7 +53,7 @@ def extra_flops(model: torch.nn.Module) -> int:
     the prompt key/value cache is filled, as it is when serving. Methods that only change
     backbone tensors (full, bias, partial; LoRA, which can be merged into them) add none.
     """
-    from .backbones.vit import pooled_features
+    from .backbones.vit import frozen_features
 
     backbone = model.backbone
     device = next(model.parameters()).device
@@ -62,6 +62,6 @@ def extra_flops(model: torch.nn.Module) -> int:
     model.eval()
     model(image)  # fills the prompt key/value cache
     total = count_flops(lambda: model(image))
-    frozen = count_flops(lambda: pooled_features(backbone, backbone.forward_features(image)))
+    frozen = count_flops(lambda: frozen_features(backbone, image))
     model.train(was_training)
     return total - frozen - 2 * backbone.num_features * model.num_classes

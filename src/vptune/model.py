@@ -25,6 +25,7 @@ from .backbones.vit import (
     embed,
     num_backbone_parameters,
     pooled_features,
+    pooled_outputs,
     run_blocks,
     weights_fingerprint,
 )
@@ -81,7 +82,12 @@ class PromptModel(nn.Module):
         return run_blocks(self.backbone, x, self.method, checkpoint=self.grad_checkpointing)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(pooled_features(self.backbone, self.forward_features(images)))
+        # With token pooling only the class token leaves the last block: the rest is not computed.
+        x = embed(self.backbone, images)
+        x = run_blocks(
+            self.backbone, x, self.method, checkpoint=self.grad_checkpointing, outputs=pooled_outputs(self.backbone)
+        )
+        return self.head(pooled_features(self.backbone, x))
 
     # --- what is tuned -------------------------------------------------------------------
     def tuned_parameters(self) -> dict[str, nn.Parameter]:

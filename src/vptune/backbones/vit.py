@@ -89,6 +89,20 @@ def embed(backbone: VisionTransformer, images: Tensor) -> Tensor:
     return backbone.norm_pre(x)
 
 
+def pooled_outputs(backbone: VisionTransformer) -> int | None:
+    """How many leading tokens of the last block pooling reads: 1 (the class token) for token
+    pooling, else None (all of them)."""
+    token_pool = backbone.global_pool == "token" and getattr(backbone, "attn_pool", None) is None
+    return 1 if token_pool and getattr(backbone, "cls_token", None) is not None else None
+
+
+def frozen_features(backbone: VisionTransformer, images: Tensor) -> Tensor:
+    """The frozen backbone's pooled features, computed as a PromptModel computes them but with no
+    method: the reference that a method's extra cost is measured against."""
+    x = run_blocks(backbone, embed(backbone, images), Method(), outputs=pooled_outputs(backbone))
+    return pooled_features(backbone, x)
+
+
 def pooled_features(backbone: VisionTransformer, x: Tensor) -> Tensor:
     """Final norm and the backbone's own pooling (token, avg, map) of the prompt-free sequence."""
     return backbone.forward_head(backbone.norm(x), pre_logits=True)
@@ -113,10 +127,14 @@ def _recomputed_block_forward(*args) -> Tensor:
     return recompute(block_forward, *args, use_reentrant=False)
 
 
-def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method, checkpoint: bool = False) -> Tensor:
+def run_blocks(
+    backbone: VisionTransformer, x: Tensor, method: Method, checkpoint: bool = False, outputs: int | None = None
+) -> Tensor:
     """Every block of ``backbone`` over ``x`` (B, N, d), with ``method``'s prompts, key-value
     prompts and attention hooks. Returns the prompt-free sequence (B, N, d). ``checkpoint``
-    recomputes each block in backward (gradient checkpointing) when gradients are recorded."""
+    recomputes each block in backward (gradient checkpointing) when gradients are recorded.
+    ``outputs`` (at most the prefix tokens) keeps only the first ``outputs`` tokens of the last
+    block, computing no other query, output projection or MLP row there: (B, outputs, d)."""
     blocks, prefix = backbone.blocks, backbone.num_prefix_tokens
     batch, depth = x.shape[0], len(blocks)
     layers = method.prompt_layers
@@ -135,9 +153,10 @@ def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method, checkpoin
             carried = method.prompts(i, batch)
         kv = method.kv_prompts(i)
         hook = method.attention_output(i)
+        queries = outputs if i + 1 == depth else None
         if carried is None:
             k, v = kv if kv is not None else (None, None)
-            x = forward(block, x, k, v, None, hook)
+            x = forward(block, x, k, v, None, hook, queries)
         elif method.path == "kv" and (i + 1 == depth or i + 1 in layers):
             if cache_ok and fresh and carried.shape[0] == 1:
                 key = (i, carried.device, carried.dtype, _autocast_state(carried.device))
@@ -154,7 +173,7 @@ def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method, checkpoin
                 v = torch.cat([v, kv[1].to(v.dtype).expand(n, -1, -1, -1)], dim=2)
             extra = 0 if kv is None else kv[0].shape[2]
             bias = _key_bias(prompt_bias, x.shape[1], extra)
-            x = forward(block, x, k, v, bias, hook)
+            x = forward(block, x, k, v, bias, hook, queries)
             carried = None
         else:
             p = carried.shape[1]
@@ -162,7 +181,7 @@ def run_blocks(backbone: VisionTransformer, x: Tensor, method: Method, checkpoin
             extra = 0 if kv is None else kv[0].shape[2]
             bias = _key_bias(prompt_bias, prefix, x.shape[1] - prefix + extra)
             k, v = kv if kv is not None else (None, None)
-            seq = forward(block, seq, k, v, bias, hook)
+            seq = forward(block, seq, k, v, bias, hook, queries)
             x = torch.cat([seq[:, :prefix], seq[:, prefix + p :]], dim=1)
             carried = seq[:, prefix : prefix + p]
     return x
