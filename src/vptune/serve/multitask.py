@@ -274,20 +274,21 @@ class MultiTaskModel(nn.Module):
         tokens go through blocks, tasks with extra keys/values only, and the rest. Each group is
         one ``block_forward`` per block, so no row pays for another group's tokens or keys."""
         banks = [self._bank(task, x) for task in info]
-        groups = []  # (rows, task indices): contiguous, in sorted order
+        groups = []  # (rows, task indices, their stacked banks): contiguous, in sorted order
         for group in (0, 1, 2):
             members = [j for j, task in enumerate(info) if task.group == group]
             if members:
-                groups.append((slice(spans[members[0]].start, spans[members[-1]].stop), members))
+                rows = slice(spans[members[0]].start, spans[members[-1]].stop)
+                groups.append((rows, members, _stack([banks[j] for j in members], [spans[j] for j in members])))
         slot: Tensor | None = None  # prompt tokens (rows of group 0, P, d) carried out of the last block
         for i, block in enumerate(self.backbone.blocks):
             x = _offsets(i, x, info, spans)
             outputs = []
-            for rows, members in groups:
+            for rows, members, stack in groups:
                 local = [slice(spans[j].start - rows.start, spans[j].stop - rows.start) for j in members]
                 out, carried = self._block(
                     i, block, x[rows], [info[j] for j in members], local, [banks[j] for j in members],
-                    slot if info[members[0]].group == 0 else None,
+                    stack, slot if info[members[0]].group == 0 else None,
                 )
                 if info[members[0]].group == 0:
                     slot = carried
@@ -297,12 +298,12 @@ class MultiTaskModel(nn.Module):
 
     def _block(
         self, i: int, block: nn.Module, x: Tensor, info: list[Task], spans: list[slice], banks: list[_Bank],
-        slot: Tensor | None,
+        stack: tuple | None, slot: Tensor | None,
     ) -> tuple[Tensor, Tensor | None]:
         """Block ``i`` over rows ``x`` (n, N, d) of the tasks ``info`` (rows ``spans``): per-sample
         prompt tokens, per-sample extra keys/values, one key mask where rows differ."""
         n, N, d = x.shape
-        prefix, single = self.backbone.num_prefix_tokens, len(info) == 1
+        prefix = self.backbone.num_prefix_tokens
         needs_mask = False
         # Prompt tokens that go through this block: fresh ones, or those carried from the last.
         tokens = token_bias = None
@@ -320,15 +321,11 @@ class MultiTaskModel(nn.Module):
         ks, vs, biases = [], [], []
         used = max(bank.count[i] for bank in banks)
         if used:
-            if single:
-                ks.append(banks[0].keys[i, :, :used][None]), vs.append(banks[0].values[i, :, :used][None])
-                biases.append(banks[0].bias[i, :used][None])
-            else:
-                fitted = [_fit(bank, i, used) for bank in banks]
-                sizes = [span.stop - span.start for span in spans]
-                ks.append(torch.cat([k[None].expand(m, -1, -1, -1) for (k, _, _), m in zip(fitted, sizes)]))
-                vs.append(torch.cat([v[None].expand(m, -1, -1, -1) for (_, v, _), m in zip(fitted, sizes)]))
-                biases.append(torch.cat([b[None].expand(m, -1) for (_, _, b), m in zip(fitted, sizes)]))
+            keys, values, bias, repeats = stack
+            parts = (keys[:, i, :, :used], values[:, i, :, :used], bias[:, i, :used])  # T, H, M, Dh (twice); T, M
+            if repeats is not None:  # one row per sample
+                parts = tuple(part.repeat_interleave(repeats, dim=0, output_size=n) for part in parts)
+            ks.append(parts[0]), vs.append(parts[1]), biases.append(parts[2])
             needs_mask |= any(bank.masked or bank.count[i] < used for bank in banks)
         late = [(task, span) for task, span in zip(info, spans) if task.plan[i] == "kv" and i not in task.model.method.prompt_layers]
         if late:
@@ -385,12 +382,27 @@ def _attention_hook(i: int, info: list[Task], spans: list[slice]):
     return mixed
 
 
-def _fit(bank: _Bank, i: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Block ``i``'s bank entries cut or padded (masked) to ``width``: (H, width, Dh) twice, (width,)."""
-    keys, values, bias = bank.keys[i, :, :width], bank.values[i, :, :width], bank.bias[i, :width]
-    extra = width - keys.shape[1]
-    if extra > 0:
-        pad = keys.new_zeros(keys.shape[0], extra, keys.shape[2])
-        keys, values = torch.cat([keys, pad], 1), torch.cat([values, pad], 1)
-        bias = torch.cat([bias, bias.new_full((extra,), float("-inf"))])
-    return keys, values, bias
+def _stack(banks: list[_Bank], spans: list[slice]) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
+    """A group's banks padded (masked) to one width and stacked: keys and values (T, D, H, M, Dh),
+    bias (T, D, M), and how many rows each task has (None for one task, which broadcasts)."""
+    width = max(bank.keys.shape[2] for bank in banks)
+    if not width:
+        return None
+    if len(banks) == 1:
+        return banks[0].keys[None], banks[0].values[None], banks[0].bias[None], None
+    padded = [_pad(bank, width) for bank in banks]
+    repeats = torch.tensor([span.stop - span.start for span in spans], device=banks[0].keys.device)
+    return (*(torch.stack([p[j] for p in padded]) for j in range(3)), repeats)
+
+
+def _pad(bank: _Bank, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The bank padded to ``width`` entries per block; the padding is masked with -inf."""
+    extra = width - bank.keys.shape[2]
+    if not extra:
+        return bank.keys, bank.values, bank.bias
+    pad = bank.keys.new_zeros(*bank.keys.shape[:2], extra, bank.keys.shape[3])
+    return (
+        torch.cat([bank.keys, pad], 2),
+        torch.cat([bank.values, pad], 2),
+        torch.cat([bank.bias, bank.bias.new_full((bank.bias.shape[0], extra), float("-inf"))], 1),
+    )
