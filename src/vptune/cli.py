@@ -497,10 +497,15 @@ def demo(
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: linear,full,vpt-shallow,vpt-deep,e2vpt,apt,lora)."),
     epochs: Optional[int] = typer.Option(None, help="Epochs for every method instead of each recipe's own."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights instead of the bundled backbone's shipped ones."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's; use 1 on a machine busy with other jobs)."),
 ) -> None:
     """Train linear, full, VPT-shallow/deep, E2VPT, APT and LoRA on two mini tasks; write a report with plots."""
     import time
 
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from vptune.backbones import BUNDLED_BACKBONE
     from vptune.compare import DEMO_METHODS, DEMO_TASKS, compare, recipes_for
     from vptune.report import rich_table, write_demo_report
@@ -535,10 +540,15 @@ def benchmark_mini(
     out: Path = typer.Option(Path("benchmark-mini"), help="Folder for the runs; rerun the same command to resume."),
     results: Path = typer.Option(Path("docs/results-mini.md"), help="Markdown file whose benchmark section is (re)written."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights instead of the bundled backbone's shipped ones."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's; use 1 on a machine busy with other jobs)."),
 ) -> None:
     """Every mini task x every method: lr chosen on val200, retrained on train+val, test top-1 (resumable)."""
     import time
 
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from vptune.backbones import BUNDLED_BACKBONE
     from vptune.compare import BENCHMARK_METHODS, benchmark, recipes_for
     from vptune.data import MINI_TASKS
