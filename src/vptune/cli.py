@@ -556,7 +556,8 @@ def benchmark_mini(
 
     task_list = comma_list(tasks) or list(MINI_TASKS)
     factors = parse_grid(lrs, float, "--lrs")
-    recipes = recipes_for(comma_list(methods) or BENCHMARK_METHODS, **({} if epochs is None else {"epochs": epochs}))
+    settings = {"eval_every": 0, **({} if epochs is None else {"epochs": epochs})}  # val only at the end
+    recipes = recipes_for(comma_list(methods) or BENCHMARK_METHODS, **settings)
     total, done, started = len(task_list) * len(recipes), [], time.perf_counter()
 
     def write(rows: list[dict[str, Any]]) -> None:

@@ -171,27 +171,30 @@ def benchmark(
     """For each task and recipe: search the lr on val, retrain the winner on train+val, report test.
 
     Returns one row per (task, method) from its final run, with ``val_top1`` of the chosen
-    search run and ``searched`` {lr: val top-1}. ``on_run(row)`` follows every finished
+    search run, ``searched`` {lr: val top-1} and ``search_time_s`` (the search runs' training time). ``on_run(row)`` follows every finished
     (task, method), so a caller can rewrite its results after each one."""
     rows = []
     for spec in map(task_spec, tasks):
         for recipe in recipes:
             base = Path(out) / "runs" / task_name(spec) / recipe.method
             searched: dict[float, float | None] = {}
+            search_time = 0.0
             for factor in lr_factors:
                 candidate = recipe.with_settings(lr=recipe.train.lr * factor)
                 metrics = run_once(base / f"search-lr{candidate.train.lr:g}", candidate, spec,
                                    backbone=backbone, weights=weights, final=False, progress=progress)
                 searched[candidate.train.lr] = metrics.get("val_top1")
+                search_time += metrics.get("wall_time_s") or 0.0
             scored = {lr: val for lr, val in searched.items() if val is not None}
+            extra = {"searched": searched, "search_time_s": search_time}
             if not scored:
-                rows.append(row(spec, recipe, {"error": "every learning rate diverged"}, base, searched=searched))
+                rows.append(row(spec, recipe, {"error": "every learning rate diverged"}, base, **extra))
             else:
                 best_lr = max(scored, key=lambda lr: (scored[lr], -lr))  # ties: the smaller lr
                 chosen = recipe.with_settings(lr=best_lr)
                 folder = base / f"final-lr{best_lr:g}"
                 metrics = run_once(folder, chosen, spec, backbone=backbone, weights=weights, final=True, progress=progress)
-                rows.append(row(spec, chosen, {**metrics, "val_top1": scored[best_lr]}, folder, searched=searched))
+                rows.append(row(spec, chosen, {**metrics, "val_top1": scored[best_lr]}, folder, **extra))
             if on_run is not None:
                 on_run(rows[-1])
     return rows
