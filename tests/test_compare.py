@@ -100,6 +100,13 @@ def test_benchmark_retrains_the_lr_with_the_best_val_on_train_and_val(workspace)
     assert final["final"] and r["test_top1"] == final["test_top1"]  # an image folder has no train+val list: train
 
 
+def test_a_single_lr_factor_trains_only_the_final_run(workspace):
+    (r,) = benchmark([f"imagefolder:{workspace / 'images'}"], tiny(["linear"]), workspace / "single",
+                     lr_factors=(2.0,), weights=workspace / "backbone.safetensors")
+    assert r["lr"] == 2 * RECIPES["linear"].train.lr and r["val_top1"] is None and r["searched"] == {}
+    assert [p.name for p in (workspace / "single" / "runs" / "images" / "linear").iterdir()] == [f"final-lr{r['lr']:g}"]
+
+
 def test_a_diverged_run_is_a_row_and_is_not_retried(workspace, monkeypatch):
     def diverge(*args, **kwargs):
         raise NonFiniteLossError("training loss became nan")

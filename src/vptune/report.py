@@ -222,6 +222,13 @@ def results_mini_block(
     """The benchmark's section of docs/results-mini.md, between its BEGIN/END markers."""
     status = "" if complete else "\n**Partial**: the benchmark was stopped before every run finished; `-` marks what is missing.\n"
     factors = ", ".join(f"{f:g}" for f in lr_factors)
+    protocol = (
+        f"for each task and method, the recipe's learning rate times each of ({factors}) is trained on train800 "
+        "and scored on val200; the lr with the best val top-1 is retrained on the 1000 train+val images and "
+        "scored on test." if len(lr_factors) > 1 else
+        f"no learning-rate search (a single lr factor, {factors}): each method's recipe is trained once on the "
+        "1000 train+val images and scored on test."
+    )
     compute = sum((r["wall_time_s"] or 0.0) + r.get("search_time_s", 0.0) for r in rows)
     return f"""{BEGIN}
 ## Main table: every method on every mini task
@@ -231,9 +238,7 @@ def results_mini_block(
 - Machine: {machine()}; shared with other jobs while it ran
 - Date: {now()}; wall time of this invocation {wall_time_s / 3600:.2f} h (runs finished earlier are read back);
   training time of all its runs, search and final: {compute / 3600:.2f} h
-- Protocol: for each task and method, the recipe's learning rate times each of ({factors}) is
-  trained on train800 and scored on val200; the lr with the best val top-1 is retrained on the
-  1000 train+val images and scored on test. One seed (0).
+- Protocol: {protocol} One seed (0).
 {status}
 Test top-1 (%) per task, each group's mean, tuned parameters as a share of the backbone
 (mean over tasks: the head depends on the number of classes) and additional inference GFLOPs
