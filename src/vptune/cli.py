@@ -485,8 +485,8 @@ def invocation() -> str:
 def run_line(row: dict[str, Any], done: int, total: int) -> str:
     if row["error"]:
         return f"[{done}/{total}] {row['task']} {row['method']}: [red]diverged[/] ({escape(row['error'][:80])})"
-    return (f"[{done}/{total}] {row['task']} {row['method']}: test top-1 {row['test_top1']:.2f}% "
-            f"(val {row['val_top1']:.2f}%), {row['wall_time_s']:.0f} s")
+    val = "" if row["val_top1"] is None else f" (val {row['val_top1']:.2f}%)"
+    return f"[{done}/{total}] {row['task']} {row['method']}: test top-1 {row['test_top1']:.2f}%{val}, {row['wall_time_s']:.0f} s"
 
 
 @app.command()
