@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ..backbones.vit import frozen_features
 from ..methods import config_for
 from ..model import PromptModel
 from .server import BackgroundServer, ServeConfig, create_app, load_tasks
@@ -96,7 +97,7 @@ def measure_throughput(
             own[name](images[rows])
 
     jobs: dict[str, Callable[[], Any]] = {
-        "backbone": lambda: backbone.forward_features(images),
+        "backbone": lambda: frozen_features(backbone, images),
         "mixed": lambda: model(images, mixed_tasks),
         "own_models": run_own,
         **{f"single:{name}": (lambda name=name: model(images, name)) for name in names},

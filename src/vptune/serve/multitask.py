@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import block_forward, prompt_keys_values
-from ..backbones.vit import check_backbone, embed, pooled_features
+from ..backbones.vit import check_backbone, embed, pooled_features, pooled_outputs
 from ..model import PromptModel, read_run_config
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -281,6 +281,7 @@ class MultiTaskModel(nn.Module):
                 rows = slice(spans[members[0]].start, spans[members[-1]].stop)
                 groups.append((rows, members, _stack([banks[j] for j in members], [spans[j] for j in members])))
         slot: Tensor | None = None  # prompt tokens (rows of group 0, P, d) carried out of the last block
+        depth, pooled = len(self.backbone.blocks), pooled_outputs(self.backbone)
         for i, block in enumerate(self.backbone.blocks):
             x = _offsets(i, x, info, spans)
             outputs = []
@@ -288,7 +289,7 @@ class MultiTaskModel(nn.Module):
                 local = [slice(spans[j].start - rows.start, spans[j].stop - rows.start) for j in members]
                 out, carried = self._block(
                     i, block, x[rows], [info[j] for j in members], local, [banks[j] for j in members],
-                    stack, slot if info[members[0]].group == 0 else None,
+                    stack, slot if info[members[0]].group == 0 else None, pooled if i + 1 == depth else None,
                 )
                 if info[members[0]].group == 0:
                     slot = carried
@@ -298,10 +299,12 @@ class MultiTaskModel(nn.Module):
 
     def _block(
         self, i: int, block: nn.Module, x: Tensor, info: list[Task], spans: list[slice], banks: list[_Bank],
-        stack: tuple | None, slot: Tensor | None,
+        stack: tuple | None, slot: Tensor | None, queries: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Block ``i`` over rows ``x`` (n, N, d) of the tasks ``info`` (rows ``spans``): per-sample
-        prompt tokens, per-sample extra keys/values, one key mask where rows differ."""
+        prompt tokens, per-sample extra keys/values, one key mask where rows differ. ``queries``:
+        only the first tokens' outputs are computed (the last block under token pooling, where
+        no prompt token goes through the block)."""
         n, N, d = x.shape
         prefix = self.backbone.num_prefix_tokens
         needs_mask = False
@@ -353,7 +356,7 @@ class MultiTaskModel(nn.Module):
             parts = [x.new_zeros(rows, prefix), *([] if tokens is None else [token_bias]), x.new_zeros(rows, N - prefix)]
             parts += [part.to(x.dtype).expand(rows, -1) for part in biases]
             bias = torch.cat(parts, dim=1)[:, None, None, :]  # n|1, 1, 1, N+P+M
-        seq = block_forward(block, seq, k, v, bias, _attention_hook(i, info, spans))
+        seq = block_forward(block, seq, k, v, bias, _attention_hook(i, info, spans), queries)
         if tokens is None:
             return seq, None
         p = tokens.shape[1]
