@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_vit
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
@@ -319,6 +319,14 @@ def test_prune_command_writes_a_smaller_run_that_loads_and_reports(prune_workspa
     for stage in (before, pruned, rewound):
         assert stage["val_top1"] is not None and stage["test_top1"] is not None
     model = load_run(out)
+    start = load_file(str(out / "init.safetensors"))  # the original initial values of what survived
+    original = load_file(str(prune_workspace / "run" / "init.safetensors"))
+    kept = report["masks"]["tokens_kept"]
+    assert torch.equal(start["method.key_prompts"], original["method.key_prompts"])
+    assert torch.equal(start["head.weight"], original["head.weight"])
+    dims = model.method.visual.kept_positions
+    expected = original["method.visual.prompt_embeddings"][:, kept].reshape(6, -1)[:, dims]
+    assert torch.equal(start["method.visual.prompt_values"], expected)
     assert model.config.kept_segments is not None and model.metadata["pruning"]["tokens_kept"] == report["masks"]["tokens_kept"]
     assert evaluate_run(model, f"imagefolder:{prune_workspace / 'images'}", "val")["top1"] == rewound["val_top1"]
 

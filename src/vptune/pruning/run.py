@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 
 from ..flops import count_flops, extra_flops
@@ -156,6 +156,10 @@ def rewound(model: PromptModel, masks: Masks, how: str, initial: dict[str, torch
     return small
 
 
+def snapshot(model: PromptModel) -> dict[str, torch.Tensor]:
+    return {name: t.detach().cpu().clone() for name, t in model.tuned_state_dict().items()}
+
+
 def masked_equals_compact(model: PromptModel, small: PromptModel, masks: Masks, bundle: Any) -> float:
     """Largest logit difference between the masked model and its compact export on some val images."""
     dataset = bundle.val if bundle.val is not None and len(bundle.val) else bundle.train
@@ -254,12 +258,13 @@ def prune_run(
             for segment_rate in segment_rates:
                 masks = pruned_at(token_rate, segment_rate)
                 candidate = rewound(model, masks, options.rewind, initial, recorded.seed)
+                start = snapshot(candidate)
                 val = retrain(candidate, cfg.epochs)["val_top1"]
                 search["candidates"].append({"token_rate": token_rate, "segment_rate": segment_rate, "val_top1": val})
                 log(f"grid: token rate {token_rate:.3g}, segment rate {segment_rate:.3g}: val top-1 {val:.2f}%")
                 if best is None or val > best[0]:
-                    best = (val, token_rate, segment_rate, masks, candidate)
-        _, token_rate, segment_rate, masks, final = best
+                    best = (val, token_rate, segment_rate, masks, candidate, start)
+        _, token_rate, segment_rate, masks, final, start = best
     else:
         token_rate, segment_rate = options.token_rate or 0.0, options.segment_rate or 0.0
 
@@ -290,6 +295,7 @@ def prune_run(
     pruned = measure(small, bundle, cfg)
     if final is None:
         final = rewound(model, masks, options.rewind, initial, recorded.seed)
+        start = snapshot(final)
         log(f"rewinding ({options.rewind}) the pruned model: {cfg.epochs} epochs")
         fit(final, bundle, cfg, progress=progress)
         training_epochs += cfg.epochs
@@ -297,6 +303,7 @@ def prune_run(
     out.mkdir(parents=True, exist_ok=True)
     final.metadata.update(pruned_from=str(run.resolve()), pruning=masks.describe())
     final.save_pretrained(out)
+    save_file(start, str(out / INIT_FILE))  # a pruned run can be rewound again, like a trained one
     report = {
         "run": str(run),
         "out": str(out),
