@@ -304,10 +304,10 @@ def test_prune_command_writes_a_smaller_run_that_loads_and_reports(prune_workspa
     # token rate fixed, segment rate searched (cascade, one candidate with R=2; tolerance lets it pass)
     result = invoke_prune(prune_workspace, out, "--token-rate", 0.5, "--segments", 2, "--tolerance", 100, "--epochs", 1)
     assert result.exit_code == 0, result.output
-    assert "training epochs spent: 2 (search: 1)" in result.output
+    assert "training epochs spent: 3 (search: 2)" in result.output  # reference, one candidate, rewinding
     report = json.loads((out / "prune.json").read_text())
     assert report["token_rate"] == 0.5 and report["segment_rate"] == 0.5
-    assert [c["rate"] for c in report["search"]["candidates"]] == [0.5]
+    assert [(c["stage"], c["rate"]) for c in report["search"]["candidates"]] == [("reference", 0.0), ("segment", 0.5)]
     assert report["rewind_from"].endswith("init.safetensors")
     assert report["masked_vs_compact_max_abs_diff"] < 1e-5
     before, pruned, rewound = report["before"], report["pruned"], report["rewound"]
