@@ -144,18 +144,19 @@ def test_parse_methods_puts_backbone_first_and_defaults_paths():
 
 def test_bench_rows_have_exactly_the_keys(tmp_path):
     settings = BenchSettings(
-        backbone="vit_tiny_patch16_224", methods=parse_methods("vpt-deep:kv,linear"), num_prompts=3,
+        backbone="vit_tiny_patch16_224", methods=parse_methods("vpt-deep:kv,full"), num_prompts=3,
         batch_size=2, memory_batch_size=2, rounds=1, warmup=0, threads=1, model_kwargs=TINY,
     )
     rows = run_bench(settings)
-    assert [(row["method"], row["path"]) for row in rows] == [("backbone", ""), ("vpt-deep", "kv"), ("linear", "")]
+    assert [(row["method"], row["path"]) for row in rows] == [("backbone", ""), ("vpt-deep", "kv"), ("full", "")]
     assert all(tuple(row) == KEYS for row in rows)
-    backbone, vpt, linear = rows
+    backbone, vpt, full = rows
     assert backbone["infer_ratio"] == 1.0 and backbone["extra_gflops"] == 0.0
     assert backbone["train_img_s"] is None and backbone["peak_mem_mb"] is None and backbone["tuned_params"] == 0
     assert vpt["tuned_params"] == 2 * 3 * 48 + 48 * 100 + 100  # prompts per block + the 100-class head
-    assert vpt["extra_gflops"] > linear["extra_gflops"] > 0
-    assert vpt["peak_mem_mb"] > 0 and vpt["mem_ratio"] > 0 and vpt["train_ratio"] > 0
+    assert full["extra_gflops"] == pytest.approx(2 * 48 * 100 / 1e9, abs=1e-6)  # the head alone
+    assert vpt["extra_gflops"] > full["extra_gflops"]
+    assert full["mem_ratio"] == 1.0 and 0 < vpt["peak_mem_mb"] < full["peak_mem_mb"] and vpt["train_ratio"] > 0
 
     write_json(rows, tmp_path / "rows.json")
     write_csv(rows, tmp_path / "rows.csv")
