@@ -127,8 +127,18 @@ class BenchSettings:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device cuda requested but torch sees no CUDA GPU; use --device cpu")
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device} requested but torch sees no CUDA GPU; use --device cpu")
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
 
 
 # --- models and steps -----------------------------------------------------------------------
@@ -179,7 +189,7 @@ def random_batch(backbone: nn.Module, batch: int, device: str) -> tuple[Tensor, 
 
 def autocast(settings: BenchSettings):
     if settings.precision == "bf16":
-        return torch.autocast(settings.device, dtype=torch.bfloat16)
+        return torch.autocast(settings.device_type, dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -211,7 +221,7 @@ def timed(step: Callable[[], None], device: str, clock: str = "wall") -> float:
     """Seconds ``step()`` takes: CUDA events on a GPU, so queued work is counted; on CPU the wall
     clock, or with ``clock="cpu"`` the CPU time of this process (all its threads), which other
     processes competing for the cores do not inflate."""
-    if device == "cuda":
+    if torch.device(device).type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize()
         start.record()
@@ -253,7 +263,7 @@ def peak_training_memory(settings: BenchSettings, entry: Entry) -> float:
     images, labels = random_batch(backbone, settings.memory_batch_size, settings.device)
     step = training_step(model, images, labels, settings)
     step()  # creates the optimizer state: part of the resting footprint, not of the step
-    if settings.device == "cuda":
+    if settings.device_type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         resting = torch.cuda.memory_allocated()

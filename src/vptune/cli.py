@@ -201,7 +201,7 @@ def bench(
     grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing", help="Recompute blocks in backward."),
     rounds: int = typer.Option(5, help="Interleaved timing rounds after warm-up (medians are reported)."),
     clock: str = typer.Option("wall", help="wall, or cpu: process CPU time (steadier on a shared CPU; use --threads 1)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as a JSON list."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the rows as CSV."),
