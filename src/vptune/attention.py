@@ -38,7 +38,10 @@ def attend(
     H, Dh = attn.num_heads, attn.head_dim
     n = N if queries is None else min(queries, N)
     gate = attn.gate(x[:, :n]).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, N, Dh)
+    # Unbound on the q/k/v axis, backward stacks the three gradients straight into the layout
+    # the projection's backward reads (one copy; permuting first would cost a second).
+    qkv = attn.qkv(x).reshape(B, N, 3, H, Dh).unbind(2)  # 3 x (B, N, H, Dh)
+    q, k, v = (t.transpose(1, 2) for t in qkv)  # 3 x (B, H, N, Dh)
     q, k = attn.q_norm(q[:, :, :n]), attn.k_norm(k)  # q: B, H, n, Dh
     if extra_k is not None:
         k = torch.cat([k, extra_k.to(k.dtype).expand(B, -1, -1, -1)], dim=2)  # B, H, N+M, Dh
