@@ -77,19 +77,20 @@ def rich_table(rows: Sequence[dict[str, Any]], title: str) -> Table:
     return table
 
 
-def markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    aligns = ["---" if i == 0 else "---:" for i in range(len(header))]
+def markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A markdown table, its first ``left`` columns left-aligned and the rest (numbers) right-aligned."""
+    aligns = ["---" if i < left else "---:" for i in range(len(header))]
     return "\n".join("| " + " | ".join(cells) + " |" for cells in (header, aligns, *lines))
 
 
 def runs_table(rows: Sequence[dict[str, Any]]) -> str:
     """Every run, one line each."""
     header = list(_cells(rows[0])) + ["lr"]
-    return markdown_table(header, [[*_cells(r).values(), f"{r['lr']:g}"] for r in rows])
+    return markdown_table(header, [[*_cells(r).values(), f"{r['lr']:g}"] for r in rows], left=2)
 
 
 def recipes_table(recipes: Sequence[Recipe]) -> str:
-    return markdown_table(["method", "recipe"], [[r.method, r.summary()] for r in recipes])
+    return markdown_table(["method", "recipe"], [[r.method, r.summary()] for r in recipes], left=2)
 
 
 def summary_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -148,6 +149,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False, sharex="col")
@@ -164,6 +166,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         axes[1, col].set_xlabel("epoch")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
