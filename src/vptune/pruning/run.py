@@ -268,11 +268,13 @@ def prune_run(
     else:
         token_rate, segment_rate = options.token_rate or 0.0, options.segment_rate or 0.0
 
-        # The bar: the unpruned prompts after the same short retraining, so that a candidate is
-        # judged on what pruning costs and not credited with the extra training.
-        reference = retrain(compact(model, Masks.keep_all(p, segments, **layout_only)), options.search_epochs)["val_top1"]
-        search["candidates"].append({"stage": "reference", "rate": 0.0, "val_top1": reference, "passed": True})
-        log(f"cascade: unpruned prompts: val top-1 {reference:.2f}% after {options.search_epochs} epoch(s)")
+        if searching:
+            # The bar: the unpruned prompts after the same short retraining, so that a candidate
+            # is judged on what pruning costs and not credited with the extra training.
+            unpruned = compact(model, Masks.keep_all(p, segments, **layout_only))
+            reference = retrain(unpruned, options.search_epochs)["val_top1"]
+            search["candidates"].append({"stage": "reference", "rate": 0.0, "val_top1": reference, "passed": True})
+            log(f"cascade: unpruned prompts: val top-1 {reference:.2f}% after {options.search_epochs} epoch(s)")
 
         def cascade(stage: str, rates: list[float], masks_at: Callable[[float], Masks]) -> float:
             chosen = 0.0
