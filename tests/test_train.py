@@ -185,8 +185,9 @@ def test_bf16_autocast_trains():
     [
         ("linear", {}, lambda n, d, depth: 0),
         ("mlp", {"hidden_layers": 2}, lambda n, d, depth: 2 * (2 * d * d)),
-        # each block attends from N tokens to p more keys: QK^T and AV, 2 FLOPs per multiply-add
-        ("vpt-deep", {"num_prompts": 5}, lambda n, d, depth: depth * 2 * (2 * n * 5 * d)),
+        # each block attends from N tokens to p more keys: QK^T and AV, 2 FLOPs per multiply-add;
+        # with token pooling the last block computes only the class token's row
+        ("vpt-deep", {"num_prompts": 5}, lambda n, d, depth: (depth - 1) * 2 * (2 * n * 5 * d) + 2 * (2 * 1 * 5 * d)),
         ("lora", {}, lambda n, d, depth: 0),  # merges into the weights
     ],
 )
