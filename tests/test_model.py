@@ -201,3 +201,9 @@ def test_loading_a_run_into_a_non_vit(saved):
 
     with pytest.raises(TypeError, match="ResNet is not supported"):
         vptune.PromptModel.from_pretrained(timm.create_model("resnet10t", pretrained=False), saved)
+
+
+def test_add_prompts_at_another_image_size_are_refused():
+    model = vptune.prompt_model(tiny_vit("registers-dynamic"), vptune.VPTConfig(location="add"), 3)
+    with pytest.raises(ValueError, match="'add' prompts are tied to the 19-token sequence"):
+        model(torch.randn(1, 3, 48, 48))

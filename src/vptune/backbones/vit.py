@@ -141,12 +141,16 @@ def run_blocks(
     prompt_bias = method.prompt_key_bias(batch)
     # Prompt keys/values are input-independent, and so cacheable, at inference without dropout.
     cache_ok = not method.training and not torch.is_grad_enabled()
-    version = method.state_version() if cache_ok else None
     forward = _recomputed_block_forward if checkpoint and torch.is_grad_enabled() else block_forward
     carried: Tensor | None = None  # prompt tokens (B|1, p, d) in the prompt slot
     for i, block in enumerate(blocks):
         offset = method.token_offset(i)
         if offset is not None:
+            if offset.shape[1] != x.shape[1]:
+                raise ValueError(
+                    f"'add' prompts are tied to the {offset.shape[1]}-token sequence they were made for; "
+                    f"these images give {x.shape[1]} tokens: use the image size the model was built with"
+                )
             x = x + offset
         fresh = i in layers
         if fresh:
@@ -161,10 +165,11 @@ def run_blocks(
             if cache_ok and fresh and carried.shape[0] == 1:
                 key = (i, carried.device, carried.dtype, _autocast_state(carried.device))
                 hit = method.kv_cache.get(key)
-                # Also compare the prompts' values: a change through ``.data`` bumps no version.
-                if hit is None or hit[0] != version or not torch.equal(hit[1], carried):
-                    hit = method.kv_cache[key] = (version, carried.clone(), prompt_keys_values(block, carried))
-                k, v = hit[2]
+                # Valid while the prompts entering the block are the same values (an optimizer step,
+                # a load or a ``.data`` edit changes them; a version counter misses the last).
+                if hit is None or not torch.equal(hit[0], carried):
+                    hit = method.kv_cache[key] = (carried.clone(), prompt_keys_values(block, carried))
+                k, v = hit[1]
             else:
                 k, v = prompt_keys_values(block, carried)
             if kv is not None:

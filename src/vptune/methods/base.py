@@ -110,7 +110,3 @@ class Method(nn.Module):
     def train(self, mode: bool = True) -> "Method":
         self.kv_cache.clear()
         return super().train(mode)
-
-    def state_version(self) -> tuple:
-        """Changes whenever a parameter or buffer is replaced or modified in place."""
-        return tuple((t.data_ptr(), t._version) for t in [*self.parameters(), *self.buffers()])

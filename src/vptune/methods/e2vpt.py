@@ -76,9 +76,6 @@ class E2VPT(Method):
         self.visual.set_masks(token, segment, **options)
         self.kv_cache.clear()
 
-    def state_version(self) -> tuple:
-        return super().state_version() + self.visual.mask_versions()
-
     def kv_prompts(self, index: int) -> tuple[Tensor, Tensor]:
         values = self.key_prompts if self.value_prompts is None else self.value_prompts
         return self.key_prompts[index][None], values[index][None]  # 1, H, L_kv, Dh each

@@ -179,12 +179,6 @@ class VPT(Method):
         self.mask_dims = None if segment is None else segment_of_dim(width, segment.shape[-1], layout).to(segment.device)
         self.kv_cache.clear()
 
-    def mask_versions(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in (self.token_mask, self.segment_mask) if t is not None)
-
-    def state_version(self) -> tuple:
-        return super().state_version() + self.mask_versions()
-
     def prompt_key_bias(self, batch: int) -> Tensor | None:
         if self.token_mask is None or self.mask_mode != "log":
             return None
