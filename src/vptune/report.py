@@ -34,7 +34,8 @@ def machine() -> str:
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with {threads} thread{'s' * (threads != 1)}"
 
 
 def now() -> str:
