@@ -48,7 +48,7 @@ class Recipe:
                 f"({t.warmup_epochs:g} warm-up, cosine), batch {t.batch_size}, {t.precision}")
 
 
-def _recipe(method: str, lr: float, epochs: int = 5, weight_decay: float = 1e-4, **options: Any) -> Recipe:
+def _recipe(method: str, lr: float, epochs: int = 7, weight_decay: float = 1e-4, **options: Any) -> Recipe:
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr=lr, weight_decay=weight_decay, optimizer="adamw",
                       warmup_epochs=1.0, precision="bf16", eval_every=1, seed=0)
     return Recipe(method, options, cfg)
