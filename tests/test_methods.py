@@ -68,8 +68,10 @@ def test_closed_forms_cover_every_method():
     assert {config.method_name() for config, _ in CLOSED_FORM.values()} == set(vptune.METHOD_NAMES)
 
 
-def test_full_and_backbone_count_is_the_plain_vit():
-    model = vptune.prompt_model(tiny_vit("cls-token"), vptune.FullConfig(), C)
+@pytest.mark.parametrize("config", [vptune.FullConfig(), vptune.LoRAConfig(), vptune.VPTConfig()])
+def test_backbone_count_is_the_plain_vit(config):
+    """The backbone's size excludes what a method adds to it (LoRA's adapters) and its classifier."""
+    model = vptune.prompt_model(tiny_vit("cls-token"), config, C)
     assert model.num_backbone_parameters() == PLAIN_VIT
 
 

@@ -416,6 +416,7 @@ def bench_serve(
         json_path.write_text(json.dumps(result, indent=2))
         console.print(f"wrote {json_path}")
 
+
 # --- prune: E2VPT prompt pruning and rewinding -----------------------------------------------
 
 

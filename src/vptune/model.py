@@ -60,6 +60,7 @@ class PromptModel(nn.Module):
         self.config = config
         self.num_classes = num_classes
         self.backbone_fingerprint = weights_fingerprint(backbone)
+        self.backbone_parameters = num_backbone_parameters(backbone)  # before a method adds its own (LoRA)
         self.method = config.build(backbone)
         self.backbone = self.method.prepare_backbone(backbone)
         self.head = make_head(backbone.num_features, num_classes, config.head_hidden_layers())
@@ -97,7 +98,7 @@ class PromptModel(nn.Module):
         return sum(p.numel() for p in self.tuned_parameters().values())
 
     def num_backbone_parameters(self) -> int:
-        return num_backbone_parameters(self.backbone)
+        return self.backbone_parameters
 
     def tuned_state_dict(self) -> dict[str, Tensor]:
         """Trained tensors plus the method's buffers (such as pruning masks): all a run stores."""

@@ -59,7 +59,7 @@ def _create_timm(name: str, pretrained: bool) -> VisionTransformer:
     except Exception as error:  # hub download: network, auth, missing files
         if not pretrained:
             raise
-        raise RuntimeError(
+        raise ConnectionError(
             f"could not fetch timm's pretrained weights for {name!r} ({type(error).__name__}: {error}). "
             "This needs internet access to the Hugging Face hub; offline, download the weights elsewhere "
             "and pass them with --weights FILE"
