@@ -59,3 +59,22 @@ def arch(request) -> str:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def two_class_workspace(root, train: int = 4, size: int = 20):
+    """Random bundled-backbone weights (``root/backbone.safetensors``) and an image folder
+    (``root/images``) with train/val/test splits of two colour classes, for end-to-end runs."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from vptune.backbones.bundled import build_bundled
+
+    torch.manual_seed(0)
+    save_file(build_bundled().state_dict(), str(root / "backbone.safetensors"))
+    for split, count in (("train", train), ("val", 2), ("test", 2)):
+        for name, colour in {"red": (200, 30, 30), "blue": (30, 30, 200)}.items():
+            folder = root / "images" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (size, size), tuple(min(255, c + 8 * i) for c in colour)).save(folder / f"{i}.png")
+    return root

@@ -7,30 +7,18 @@ import json
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from vptune.backbones.bundled import build_bundled
+from conftest import two_class_workspace
 from vptune.cli import app
 
 runner = CliRunner()
-COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Random bundled-backbone weights and an image folder with train/val/test splits of two classes."""
-    root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    save_file(build_bundled().state_dict(), str(root / "backbone.safetensors"))
-    for split, count in (("train", 6), ("val", 2), ("test", 2)):
-        for name, colour in COLOURS.items():
-            folder = root / "images" / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                shade = tuple(min(255, c + 8 * i) for c in colour)
-                Image.new("RGB", (20, 20), shade).save(folder / f"{i}.png")
-    return root
+    return two_class_workspace(tmp_path_factory.mktemp("cli"), train=6)
 
 
 def invoke(*args: str):

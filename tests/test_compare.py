@@ -5,13 +5,11 @@ import json
 
 import pytest
 import torch
-from PIL import Image
 from rich.console import Console
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from conftest import two_class_workspace
 from vptune import compare as comparison
-from vptune.backbones.bundled import build_bundled
 from vptune.cli import app
 from vptune.compare import BENCHMARK_METHODS, DEMO_METHODS, RECIPES, benchmark, compare, group_means, recipes_for
 from vptune.methods import config_for
@@ -26,16 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Random bundled-backbone weights and an image folder with train/val/test splits of two classes."""
-    root = tmp_path_factory.mktemp("compare")
-    torch.manual_seed(0)
-    save_file(build_bundled().state_dict(), str(root / "backbone.safetensors"))
-    for split, count in (("train", 4), ("val", 2), ("test", 2)):
-        for name, colour in {"red": (200, 30, 30), "blue": (30, 30, 200)}.items():
-            folder = root / "images" / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.new("RGB", (16, 16), tuple(min(255, c + 9 * i) for c in colour)).save(folder / f"{i}.png")
-    return root
+    return two_class_workspace(tmp_path_factory.mktemp("compare"), size=16)
 
 
 def tiny(methods, **settings):

@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_vit
-from PIL import Image
-from safetensors.torch import load_file, save_file
+from conftest import tiny_vit, two_class_workspace
+from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 from typer.testing import CliRunner
 
 from vptune import PromptModel, config_for
-from vptune.backbones.bundled import build_bundled
 from vptune.cli import app
 from vptune.flops import count_flops
 from vptune.methods.vpt import segment_of_dim
@@ -275,15 +273,7 @@ def test_refuses_bad_rates_and_masks():
 @pytest.fixture(scope="module")
 def prune_workspace(tmp_path_factory):
     """Random bundled-backbone weights, a two-class image folder and a 1-epoch e2vpt run on it."""
-    root = tmp_path_factory.mktemp("prune")
-    torch.manual_seed(0)
-    save_file(build_bundled().state_dict(), str(root / "backbone.safetensors"))
-    for split, count in (("train", 4), ("val", 2), ("test", 2)):
-        for name, colour in {"red": (200, 30, 30), "blue": (30, 30, 200)}.items():
-            folder = root / "images" / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                Image.new("RGB", (20, 20), tuple(min(255, c + 8 * i) for c in colour)).save(folder / f"{i}.png")
+    root = two_class_workspace(tmp_path_factory.mktemp("prune"))
     result = CliRunner().invoke(app, [str(a) for a in (
         "train", "--method", "e2vpt", "--num-prompts", 4, "--data", f"imagefolder:{root / 'images'}", "--out",
         root / "run", "--weights", root / "backbone.safetensors", "--epochs", 1, "--batch-size", 4, "--lr", 0.05,
