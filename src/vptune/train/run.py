@@ -4,7 +4,7 @@ with it (``predict_files``).
 
 A run folder holds the tuned weights and config (``PromptModel.save_pretrained``; the
 metadata records class names, data, backbone and training settings), ``metrics.json``,
-``curve.csv``, ``init.safetensors`` (the tuned tensors before training) and, while training,
+``curve.csv``, ``init.safetensors`` (a prompt method's tuned tensors before training) and, while training,
 ``checkpoint.pt`` (removed once the run is complete).
 """
 
@@ -76,7 +76,11 @@ def train_run(
             "spec": backbone, "weights": None if weights is None else str(Path(weights).resolve()), "pretrained": pretrained,
         },
     )
-    initial = {name: t.detach().cpu().clone() for name, t in model.tuned_state_dict().items()}
+    # Prompt methods keep their initial values for rewinding after pruning; for the methods that
+    # tune backbone tensors this would be a second copy of the backbone, so they keep none.
+    initial = None
+    if model.method.prompt_layers:
+        initial = {name: t.detach().cpu().clone() for name, t in model.tuned_state_dict().items()}
     result = fit(model, bundle, cfg, out, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
     test = evaluate(model, bundle.test, cfg) if bundle.test is not None and len(bundle.test) else None
     tuned, frozen = model.num_tuned_parameters(), model.num_backbone_parameters()
@@ -104,7 +108,8 @@ def train_run(
         "train_config": cfg.to_dict(),
     }
     if is_main_process():
-        save_file(initial, str(out / INIT_FILE))
+        if initial is not None:
+            save_file(initial, str(out / INIT_FILE))
         write_json(out / METRICS_FILE, metrics)
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # complete: the run folder keeps only what serving needs
     return metrics
