@@ -4,7 +4,6 @@ with random weights and a tiny image folder: rows, resuming, the lr choice, mark
 import json
 
 import pytest
-import torch
 from rich.console import Console
 from typer.testing import CliRunner
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from vptune.train import TrainConfig, fit
+from vptune.train import fit
 
 WORKER = '''
 import sys, types

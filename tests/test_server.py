@@ -12,7 +12,8 @@ from PIL import Image
 from test_serve import make_run
 
 from vptune import PromptModel
-from vptune.serve.server import BackgroundServer, ServeConfig, create_app, data_config, image_transform, load_tasks
+from vptune.data.transforms import backbone_data_config, eval_transform
+from vptune.serve.server import BackgroundServer, ServeConfig, create_app, load_tasks
 
 TASKS = {"deep": ("vpt-deep", dict(num_prompts=3), 4), "apt": ("apt", dict(num_prompts=5), 3), "e2vpt": ("e2vpt", {}, 5)}
 TIMEOUT = httpx.Timeout(30.0)
@@ -76,7 +77,7 @@ def test_predict_matches_the_tasks_own_model(served, tasks_dir):
     body = response.json()
     assert body["task"] == "e2vpt" and len(body["predictions"]) == 3
     own = PromptModel.from_pretrained(tiny_vit(), tasks_dir / "e2vpt").eval()
-    image = image_transform(own, data_config(own.backbone))(Image.open(io.BytesIO(png(1))).convert("RGB"))
+    image = eval_transform(own.metadata.get("data", ""), backbone_data_config(own.backbone))(Image.open(io.BytesIO(png(1))).convert("RGB"))
     with torch.no_grad():
         probs = own(image[None])[0].softmax(-1)
     top = probs.topk(3)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from timm.data import resolve_data_config
+from torch import nn
 from torchvision import transforms as T
 
 Transform = Callable  # PIL RGB image -> float tensor (C, H, W)
@@ -39,3 +41,18 @@ def fgvc_transforms(data_config: dict) -> tuple[Transform, Transform]:
     train = T.Compose([resize, T.RandomCrop(size), T.RandomHorizontalFlip(), *_finish(data_config)])
     evaluate = T.Compose([resize, T.CenterCrop(size), *_finish(data_config)])
     return train, evaluate
+
+
+def backbone_data_config(backbone: nn.Module) -> dict:
+    """timm's data config of ``backbone`` at the input size it was built for (a model built
+    without a pretrained config would otherwise report timm's default of 224)."""
+    config = resolve_data_config(model=backbone)
+    img_size = getattr(backbone.patch_embed, "img_size", None)
+    if img_size is not None:
+        config["input_size"] = (backbone.patch_embed.proj.in_channels, *img_size)
+    return config
+
+
+def eval_transform(data_spec: str, data_config: dict) -> Transform:
+    """The preprocessing evaluation uses for data ``data_spec``: FGVC's resize + centre crop, else a resize."""
+    return fgvc_transforms(data_config)[1] if data_spec.startswith("fgvc:") else resize_transform(data_config)

@@ -7,7 +7,7 @@ acts on a frozen ViT. The walk over the blocks that calls these hooks is one fun
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 from torch import Tensor, nn
 

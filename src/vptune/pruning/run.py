@@ -20,14 +20,13 @@ first that does not), and rewinds only the winner: at most 18 short trainings an
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
-from timm.data import resolve_data_config
 
+from ..data.transforms import backbone_data_config
 from ..flops import count_flops, extra_flops
 from ..methods import config_from_dict
 from ..methods.vpt import MASK_MODES, SEGMENT_LAYOUTS
@@ -206,7 +205,7 @@ def prune_run(
         recorded, epochs=epochs, warmup_epochs=min(recorded.warmup_epochs, epochs),
         batch_size=options.batch_size or recorded.batch_size, device=options.device,
     )
-    bundle = build_data(data, resolve_data_config(model=model.backbone), final=bool(model.metadata.get("final")),
+    bundle = build_data(data, backbone_data_config(model.backbone), final=bool(model.metadata.get("final")),
                         skip_bad_images=cfg.skip_bad_images)
     names = model.metadata.get("class_names")
     if bundle.num_classes != model.num_classes or (names is not None and list(bundle.class_names) != list(names)):

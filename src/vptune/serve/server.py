@@ -28,10 +28,9 @@ from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, Requ
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from timm.data import resolve_data_config
 from torch import Tensor, nn
 
-from ..model import PromptModel
+from ..data.transforms import backbone_data_config, eval_transform
 from .batching import MicroBatcher, Overloaded
 from .multitask import TASK_NAME, MultiTaskModel
 
@@ -58,25 +57,6 @@ class _Item:
 
 class BadImage(ValueError):
     """The upload is not an image PIL can decode, or a corrupt or oversized one."""
-
-
-def data_config(backbone: nn.Module) -> dict[str, Any]:
-    """timm's data config of the backbone, at the input size the backbone was built for (a model
-    built without a pretrained config would otherwise report timm's default of 224)."""
-    config = resolve_data_config(model=backbone)
-    img_size = getattr(backbone.patch_embed, "img_size", None)
-    if img_size is not None:
-        config["input_size"] = (backbone.patch_embed.proj.in_channels, *img_size)
-    return config
-
-
-def image_transform(task: PromptModel, config: dict[str, Any]) -> Callable[[Image.Image], Tensor]:
-    """The preprocessing the task's evaluation used: FGVC's resize + centre crop, else a resize."""
-    from ..data.transforms import fgvc_transforms, resize_transform
-
-    if str(task.metadata.get("data", "")).startswith("fgvc:"):
-        return fgvc_transforms(config)[1]
-    return resize_transform(config)
 
 
 def decode_image(data: bytes, transform: Callable[[Image.Image], Tensor], channels: int, max_pixels: int) -> Tensor:
@@ -152,7 +132,7 @@ def create_app(model: MultiTaskModel, config: ServeConfig | None = None) -> Fast
         lambda items: _predict(model, items),
         max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_pending=config.max_pending,
     )
-    preprocessing = data_config(model.backbone)
+    preprocessing = backbone_data_config(model.backbone)
     channels = model.backbone.patch_embed.proj.in_channels
     transforms: dict[str, Callable[[Image.Image], Tensor]] = {}
 
@@ -210,7 +190,7 @@ def create_app(model: MultiTaskModel, config: ServeConfig | None = None) -> Fast
         try:
             async with batcher.admit():
                 data = await file.read()
-                transform = transforms.get(task) or transforms.setdefault(task, image_transform(served.model, preprocessing))
+                transform = transforms.get(task) or transforms.setdefault(task, eval_transform(str(served.model.metadata.get("data", "")), preprocessing))
                 try:
                     image = await asyncio.to_thread(decode_image, data, transform, channels, config.max_image_pixels)
                 except BadImage as error:

@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
-from timm.data import resolve_data_config
 
 from ..backbones import BUNDLED_BACKBONE, load_backbone
+from ..data.transforms import backbone_data_config, eval_transform
 from ..flops import extra_flops
 from ..methods import config_for
 from ..model import PromptModel, read_run_config
@@ -63,7 +63,7 @@ def train_run(
     config = config_for(method, **method_options)
     torch.manual_seed(cfg.seed)  # a timm backbone without weights is random: make it the same on --resume
     net = load_backbone(backbone, weights=weights, pretrained=pretrained)
-    data_config = resolve_data_config(model=net)
+    data_config = backbone_data_config(net)
     bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images)
     torch.manual_seed(cfg.seed)
     model = PromptModel(net, config, bundle.num_classes)
@@ -152,7 +152,7 @@ def evaluate_run(
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
-    bundle = build_data(data, resolve_data_config(model=model.backbone), skip_bad_images=skip_bad_images)
+    bundle = build_data(data, backbone_data_config(model.backbone), skip_bad_images=skip_bad_images)
     names = model.metadata.get("class_names")
     if bundle.num_classes != model.num_classes or (names is not None and list(bundle.class_names) != list(names)):
         raise ValueError(
@@ -167,23 +167,13 @@ def evaluate_run(
     return {"split": split, **evaluate(model, dataset, cfg), "skipped_images": len(bundle.skipped)}
 
 
-def eval_transform(model: PromptModel):
-    """The preprocessing the run's evaluation used: FGVC's resize + centre crop, else a plain resize."""
-    from ..data.transforms import fgvc_transforms, resize_transform
-
-    data_config = resolve_data_config(model=model.backbone)
-    if str(model.metadata.get("data", "")).startswith("fgvc:"):
-        return fgvc_transforms(data_config)[1]
-    return resize_transform(data_config)
-
-
 @torch.no_grad()
 def predict_files(model: PromptModel, files: list[str | Path], top_k: int = 5) -> list[dict[str, Any]]:
     """Top-k labels with probabilities for each image file; an unreadable file gets an ``error``
     entry instead, so one bad file does not stop the others."""
     from PIL import Image, UnidentifiedImageError
 
-    transform = eval_transform(model)
+    transform = eval_transform(str(model.metadata.get("data", "")), backbone_data_config(model.backbone))
     names = model.metadata.get("class_names") or [str(i) for i in range(model.num_classes)]
     device = next(model.parameters()).device
     model.eval()
