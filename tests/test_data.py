@@ -276,3 +276,18 @@ def test_mini_build_data(mini_cache, monkeypatch):
     image, label = data.val[0]
     assert image.shape == (3, 40, 40) and isinstance(label, int)
     assert len(build_data("mini:scale", CONFIG, final=True).train) == 1000
+
+
+def test_photo_zoom_splits_come_from_disjoint_tiles_covering_the_photo():
+    photo = np.arange(427 * 640).reshape(427, 640, 1)  # every pixel its own id
+    pixels = {split: [set(tile.ravel().tolist()) for tile in mini._tiles(photo, split)]
+              for split in ("train", "val", "test")}
+    assert [len(tiles) for tiles in pixels.values()] == [6, 2, 4]
+    flat = {split: set().union(*tiles) for split, tiles in pixels.items()}
+    assert not flat["train"] & flat["val"] and not flat["train"] & flat["test"] and not flat["val"] & flat["test"]
+    assert all(tile.shape[0] >= max(mini._ZOOMS) and tile.shape[1] >= max(mini._ZOOMS)
+               for split in pixels for tile in mini._tiles(photo, split))
+    for split in ("train", "test"):  # both see every row and every column of the grid
+        rows = {int(min(tile)) // 640 // 142 for tile in pixels[split]}
+        cols = {int(min(tile)) % 640 // 160 for tile in pixels[split]}
+        assert rows == {0, 1, 2} and cols == {0, 1, 2, 3}

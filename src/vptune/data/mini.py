@@ -6,7 +6,8 @@ Every task has 1000 train+val images (800 train, 200 val) and at least 500 test 
 pretraining data (scikit-learn's handwritten digits and sample photos); the structured tasks
 compose Fashion-MNIST *test-set* objects on a 32x32 canvas and ask about where, how many,
 how big and which way up they are, which classifying clothes never taught. Train+val objects
-and test objects come from disjoint halves of that test set (photo crops: disjoint regions).
+and test objects come from disjoint halves of that test set; photo crops of train, val and test
+come from disjoint tiles spread over each photo.
 
 Generated arrays are cached as npz under ``$VPTUNE_CACHE/mini`` (default ``~/.cache/vptune/mini``),
 written atomically and regenerated when missing or unreadable.
@@ -25,7 +26,7 @@ from PIL import Image
 from .cache import cache_root, save_npz_atomic
 from .images import DataError
 
-VERSION = 1  # bump when generation changes, so stale caches are not reused
+VERSION = 2  # bump when generation changes, so stale caches are not reused
 SIZE = 32
 TRAINVAL, VAL = 1000, 200
 TEST = 1000  # per task, except digits (the 797 digits left after train+val)
@@ -154,15 +155,34 @@ def _digits() -> MiniArrays:
     return MiniArrays(images[:TRAINVAL], labels[:TRAINVAL], images[TRAINVAL:], labels[TRAINVAL:])
 
 
-def _photo_crops(photos: list[np.ndarray], columns: slice, n: int, rng: np.random.Generator):
+# Each photo is cut into a 3x4 grid of tiles (142x160 px, wide enough for the largest crop);
+# a crop lies inside one tile, so train, val and test crops never overlap, while the train and
+# test tiles each cover every row and every column of the grid (val: two tiles of its own).
+_TILE_SPLITS = (
+    ("train", "test", "val", "train"),
+    ("test", "train", "train", "test"),
+    ("train", "val", "test", "train"),
+)
+
+
+def _tiles(photo: np.ndarray, split: str) -> list[np.ndarray]:
+    rows, cols = len(_TILE_SPLITS), len(_TILE_SPLITS[0])
+    h, w = photo.shape[0] // rows, photo.shape[1] // cols
+    return [photo[r * h:(r + 1) * h, c * w:(c + 1) * w]
+            for r in range(rows) for c in range(cols) if _TILE_SPLITS[r][c] == split]
+
+
+def _photo_crops(photos: list[np.ndarray], split: str, n: int, rng: np.random.Generator):
     labels = _balanced_labels(n, len(_PHOTOS) * len(_ZOOMS), rng)
+    tiles = [_tiles(photo, split) for photo in photos]
     crops = []
     for label in labels:
         photo_index, zoom_index = divmod(int(label), len(_ZOOMS))
-        region, side = photos[photo_index][:, columns], _ZOOMS[zoom_index]
-        top = int(rng.integers(0, region.shape[0] - side + 1))
-        left = int(rng.integers(0, region.shape[1] - side + 1))
-        crop = Image.fromarray(np.ascontiguousarray(region[top:top + side, left:left + side]))
+        side = _ZOOMS[zoom_index]
+        tile = tiles[photo_index][int(rng.integers(len(tiles[photo_index])))]
+        top = int(rng.integers(0, tile.shape[0] - side + 1))
+        left = int(rng.integers(0, tile.shape[1] - side + 1))
+        crop = Image.fromarray(np.ascontiguousarray(tile[top:top + side, left:left + side]))
         crops.append(np.asarray(crop.resize((SIZE, SIZE), Image.BILINEAR)))
     return np.stack(crops), labels
 
@@ -171,11 +191,11 @@ def _photo_zoom() -> MiniArrays:
     from sklearn.datasets import load_sample_image
 
     photos = [load_sample_image(f"{name}.jpg") for name in _PHOTOS]  # 427x640 RGB each
-    split = int(photos[0].shape[1] * 0.7)  # train+val crops from the left 70%, test from the rest
     rng = np.random.default_rng([SEED, 1])
-    trainval = _photo_crops(photos, slice(0, split), TRAINVAL, rng)
-    test = _photo_crops(photos, slice(split, None), TEST, rng)
-    return MiniArrays(*trainval, *test)
+    train_x, train_y = _photo_crops(photos, "train", TRAINVAL - VAL, rng)
+    val_x, val_y = _photo_crops(photos, "val", VAL, rng)
+    test = _photo_crops(photos, "test", TEST, rng)
+    return MiniArrays(np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]), *test)
 
 
 _GENERATORS: dict[str, Callable[[], MiniArrays]] = {
