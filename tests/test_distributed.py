@@ -48,11 +48,31 @@ if __name__ == "__main__":
         torch.save(state, f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
 '''
 
+NAN_ON_ONE_RANK = WORKER.split('if __name__ == "__main__":')[0] + '''
+if __name__ == "__main__":
+    from pathlib import Path
 
-def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    from vptune.train import NonFiniteLossError
+
+    torch.set_num_threads(1)
+    model, data, cfg = setup(batch_size=4)
+    with process_group_from_env(torch.device("cpu")):
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        if rank == 1:  # a hook, not a weight: DDP would overwrite a NaN weight with rank 0's
+            model.head.register_forward_hook(lambda module, inputs, output: output * float("nan"))
+        try:
+            fit(model, data, cfg, progress=False)
+        except NonFiniteLossError as err:
+            Path(sys.argv[1], f"rank{rank}.txt").write_text(str(err))
+'''
+
+
+def torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -75,6 +95,14 @@ def test_two_processes_take_the_step_of_one_process_on_the_combined_batch(tmp_pa
             torch.testing.assert_close(rank["tuned"][name], tensor, atol=1e-6, rtol=0)
         assert abs(rank["train_loss"] - result["train_loss"]) < 1e-6  # summed over both processes
         assert rank["val_top1"] == result["val_top1"]  # evaluation counts summed over the shards
+
+
+def test_a_nan_loss_on_one_process_stops_every_process(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(NAN_ON_ONE_RANK)
+    torchrun(str(worker), str(tmp_path), cwd=tmp_path, timeout=120)  # without the shared check rank 0 waits forever
+    assert "loss became nan" in (tmp_path / "rank1.txt").read_text()
+    assert "loss became NaN or infinite on another process" in (tmp_path / "rank0.txt").read_text()
 
 
 def test_vptune_train_under_torchrun_writes_the_run_once(tmp_path):

@@ -80,3 +80,12 @@ def all_sum(values: list[Any], device: torch.device) -> list[float]:
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return [type(value)(total) for value, total in zip(values, tensor.tolist())]
+
+
+def finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether the loss is finite on every process: all of them stop together on a NaN, where a
+    rank that stopped alone would leave the others waiting in DDP's gradient all-reduce."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if is_distributed():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from ..model import CONFIG_FILE, PromptModel, check_compatible, read_run_config
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
-from .distributed import all_sum, eval_shard, train_sampler, world_size, wrap
+from .distributed import all_sum, eval_shard, finite_everywhere, train_sampler, world_size, wrap
 from .optim import build_optimizer, lr_factor, set_lr
 
 CURVE_FILE = "curve.csv"
@@ -175,7 +175,7 @@ def fit(
                 with autocast(cfg, device):
                     logits = forward_model(images)
                 loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-                if not torch.isfinite(loss):
+                if not finite_everywhere(loss):
                     raise non_finite(loss, epoch, state["step"], out_dir)
                 (loss / in_step).backward()
                 loss_sum += loss.item()
@@ -232,8 +232,10 @@ def non_finite(loss: torch.Tensor, epoch: int, step: int, out_dir: Path | None) 
         if out_dir is not None and epoch > 0
         else "no checkpoint was written"
     )
+    value = loss.item()
+    where = f"became {value}" if not math.isfinite(value) else "became NaN or infinite on another process"
     return NonFiniteLossError(
-        f"training loss became {loss.item()} in epoch {epoch + 1} (after {step} optimiser steps): stopping; "
+        f"training loss {where} in epoch {epoch + 1} (after {step} optimiser steps): stopping; "
         f"{kept}. Try a lower --lr, --precision fp32 or check the data"
     )
 
