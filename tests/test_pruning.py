@@ -17,9 +17,11 @@ from vptune.flops import count_flops
 from vptune.methods.vpt import segment_of_dim
 from vptune.pruning import (
     Masks,
+    PruneOptions,
     check_prunable,
     compact,
     importance_scores,
+    prune_run,
     segment_masks,
     set_masks,
     token_masks,
@@ -356,3 +358,64 @@ def test_prune_command_official_variant_grid_fresh_zero(prune_workspace, tmp_pat
     assert rewound["gflops"] == pytest.approx(before["gflops"])  # ... and cost as much as before
     assert rewound["tuned_parameters"] < before["tuned_parameters"]  # but are not stored
     assert load_run(out).config.segment_layout == "interleaved"
+
+
+def test_an_interrupted_prune_resumes_where_it_stopped(prune_workspace, tmp_path, monkeypatch):
+    """Killed in the search, then in the rewinding: each rerun reads back the finished candidates,
+    continues the rewinding from its last epoch, and ends where an uninterrupted prune ends."""
+    from vptune.pruning import run as pruning
+
+    data = f"imagefolder:{prune_workspace / 'images'}"
+    options = PruneOptions(segments=2, tolerance=100, epochs=2, device="cpu")  # token and segment rates searched
+    real_fit, epochs_trained = pruning.fit, []
+
+    def counting_fit(model, bundle, cfg, out_dir=None, *, stop_after_epoch=None, **kwargs):
+        def on_epoch_end(record):
+            epochs_trained.append((out_dir is not None, record["epoch"]))
+            if stop_after_epoch == record["epoch"]:
+                raise KeyboardInterrupt
+        return real_fit(model, bundle, cfg, out_dir, on_epoch_end=on_epoch_end, **kwargs)
+
+    def prune(out, kill_at=None):
+        """``kill_at``: ("search", n) kills the n-th search candidate, ("rewind", k) the rewinding after epoch k."""
+        epochs_trained.clear()
+        fits = []
+
+        def fit(model, bundle, cfg, out_dir=None, **kwargs):
+            fits.append(out_dir)
+            stop = None
+            if kill_at == ("search", len(fits)):
+                raise KeyboardInterrupt
+            if kill_at and kill_at[0] == "rewind" and out_dir is not None:
+                stop = kill_at[1]
+            return counting_fit(model, bundle, cfg, out_dir, stop_after_epoch=stop, **kwargs)
+
+        monkeypatch.setattr(pruning, "fit", fit)
+        return prune_run(prune_workspace / "run", data, out, options, progress=False, log=lambda line: None)
+
+    whole = prune(tmp_path / "whole")
+    searched = len(whole["search"]["candidates"])
+    assert searched == 1 + len(pruning.token_candidates(4)) + 1  # reference, every token rate, one segment rate
+    assert epochs_trained.count((True, 1)) == epochs_trained.count((True, 2)) == 1
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        prune(out, kill_at=("search", 3))
+    assert len(json.loads((out / "prune-progress.json").read_text())["candidates"]) == 2
+    with pytest.raises(KeyboardInterrupt):
+        prune(out, kill_at=("rewind", 1))
+    assert [e for e in epochs_trained if not e[0]] == [(False, 1)] * (searched - 2)  # only the unfinished candidates
+    assert (out / "checkpoint.pt").is_file()
+    resumed = prune(out)
+    assert epochs_trained == [(True, 2)]  # no search; the rewinding's second epoch only
+    assert not (out / "checkpoint.pt").exists()
+    for key in ("token_rate", "segment_rate", "masks", "training_epochs"):
+        assert resumed[key] == whole[key], key
+    assert resumed["search"]["candidates"] == whole["search"]["candidates"]
+    assert resumed["rewound"]["val_top1"] == whole["rewound"]["val_top1"]
+    for name, tensor in load_run(tmp_path / "whole").tuned_state_dict().items():
+        torch.testing.assert_close(load_run(out).tuned_state_dict()[name], tensor, rtol=0, atol=1e-6)
+
+    other = dataclasses.replace(options, tolerance=0.5)
+    with pytest.raises(ValueError, match=r"made with other settings \(options differ\)"):
+        prune_run(prune_workspace / "run", data, out, other, progress=False, log=lambda line: None)

@@ -15,11 +15,17 @@ official code does (72 trainings for 10 tokens and 16 segments), and keeps the b
 pruned trained prompts (``search_epochs``), keeps the highest rate whose val top-1 stays within
 ``tolerance`` points of the unpruned prompts' after the same short fine-tuning (stopping at the
 first that does not), and rewinds only the winner: at most 18 short trainings and one full one.
+
+Resuming: every finished search candidate is recorded in ``prune-progress.json`` and the
+rewinding writes a checkpoint each epoch, both in the output folder; rerunning the same command
+after a kill reads the candidates back and continues the rewinding where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +38,7 @@ from ..methods import config_from_dict
 from ..methods.vpt import MASK_MODES, SEGMENT_LAYOUTS
 from ..model import WEIGHTS_FILE, PromptModel, read_run_config
 from ..train import TrainConfig, evaluate, fit, load_run
+from ..train.checkpoint import CHECKPOINT_FILE
 from ..train.run import INIT_FILE, METRICS_FILE, write_json
 from .masks import (
     SCORES,
@@ -50,6 +57,7 @@ from .masks import (
 )
 
 PRUNE_FILE = "prune.json"
+PROGRESS_FILE = "prune-progress.json"
 TOKEN_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the official grid's token percentages
 REWINDS = ("original", "fresh")
 SEARCHES = ("cascade", "grid")
@@ -173,6 +181,23 @@ def masked_equals_compact(model: PromptModel, small: PromptModel, masks: Masks, 
         return (masked - small(images)).abs().max().item()
 
 
+def previous_candidates(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """The search candidates an interrupted prune with the same ``settings`` finished in ``out``."""
+    path = out / PROGRESS_FILE
+    if not path.is_file():
+        return []
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({err}): delete it to start the search over") from None
+    saved = progress.get("settings", {})
+    if saved != settings:
+        changed = sorted(k for k in {*saved, *settings} if saved.get(k) != settings.get(k))
+        raise ValueError(f"{out} holds a pruning made with other settings ({', '.join(changed)} differ): "
+                         "use another --out, or the same settings to resume it")
+    return progress["candidates"]
+
+
 def prune_run(
     run: str | Path,
     data: str,
@@ -242,11 +267,28 @@ def prune_run(
         masks = token_masks(token_scores, token_rate, **layout)
         return segment_masks(masks, segment_scores(masks), segment_rate) if segment_rate > 0 else masks
 
-    def retrain(candidate: PromptModel, epochs: int) -> dict[str, Any]:
-        """Train a search candidate (epochs counted as search cost)."""
+    settings = {
+        "run": str(run.resolve()), "run_weights_sha256": hashlib.sha256((run / WEIGHTS_FILE).read_bytes()).hexdigest(),
+        "data": data, "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "device"},
+        "train_config": {k: v for k, v in cfg.to_dict().items() if k != "device"},
+    }
+    previous = previous_candidates(out, settings)
+
+    def trained_val(key: dict[str, Any], build: Callable[[], PromptModel], epochs: int) -> tuple[float, PromptModel | None]:
+        """Val top-1 of a search candidate after ``epochs`` of training, and the trained candidate;
+        read back (with no model) if an interrupted prune in ``out`` already trained it."""
         search["epochs"] += epochs
+        done = next((entry for entry in previous if {k: entry.get(k) for k in key} == key), None)
+        if done is not None:
+            search["candidates"].append(done)
+            return done["val_top1"], None
+        candidate = build()
         short = dataclasses.replace(cfg, epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs))
-        return fit(candidate, bundle, short, progress=False)
+        val = fit(candidate, bundle, short, progress=False)["val_top1"]
+        search["candidates"].append({**key, "val_top1": val})
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / PROGRESS_FILE, {"settings": settings, "candidates": search["candidates"]})
+        return val, candidate
 
     token_rates = [options.token_rate] if options.token_rate is not None else token_candidates(p)
     segment_rates = [options.segment_rate] if options.segment_rate is not None else segment_candidates(segments)
@@ -256,13 +298,18 @@ def prune_run(
         for token_rate in token_rates:
             for segment_rate in segment_rates:
                 masks = pruned_at(token_rate, segment_rate)
-                candidate = rewound(model, masks, options.rewind, initial, recorded.seed)
-                start = snapshot(candidate)
-                val = retrain(candidate, cfg.epochs)["val_top1"]
-                search["candidates"].append({"token_rate": token_rate, "segment_rate": segment_rate, "val_top1": val})
+                starts: list[dict[str, torch.Tensor]] = []
+
+                def build() -> PromptModel:
+                    candidate = rewound(model, masks, options.rewind, initial, recorded.seed)
+                    starts.append(snapshot(candidate))
+                    return candidate
+
+                val, candidate = trained_val({"token_rate": token_rate, "segment_rate": segment_rate}, build, cfg.epochs)
                 log(f"grid: token rate {token_rate:.3g}, segment rate {segment_rate:.3g}: val top-1 {val:.2f}%")
                 if best is None or val > best[0]:
-                    best = (val, token_rate, segment_rate, masks, candidate, start)
+                    best = (val, token_rate, segment_rate, masks, candidate, starts[0] if starts else None)
+        # the winner trained in this session is the final model; one read back is rewound again below
         _, token_rate, segment_rate, masks, final, start = best
     else:
         token_rate, segment_rate = options.token_rate or 0.0, options.segment_rate or 0.0
@@ -270,17 +317,18 @@ def prune_run(
         if searching:
             # The bar: the unpruned prompts after the same short retraining, so that a candidate
             # is judged on what pruning costs and not credited with the extra training.
-            unpruned = compact(model, Masks.keep_all(p, segments, **layout_only))
-            reference = retrain(unpruned, options.search_epochs)["val_top1"]
-            search["candidates"].append({"stage": "reference", "rate": 0.0, "val_top1": reference, "passed": True})
+            reference, _ = trained_val({"stage": "reference", "rate": 0.0},
+                                       lambda: compact(model, Masks.keep_all(p, segments, **layout_only)),
+                                       options.search_epochs)
+            search["candidates"][-1]["passed"] = True
             log(f"cascade: unpruned prompts: val top-1 {reference:.2f}% after {options.search_epochs} epoch(s)")
 
         def cascade(stage: str, rates: list[float], masks_at: Callable[[float], Masks]) -> float:
             chosen = 0.0
             for rate in rates:
-                val = retrain(compact(model, masks_at(rate)), options.search_epochs)["val_top1"]
-                passed = val >= reference - options.tolerance
-                search["candidates"].append({"stage": stage, "rate": rate, "val_top1": val, "passed": passed})
+                val, _ = trained_val({"stage": stage, "rate": rate}, lambda: compact(model, masks_at(rate)),
+                                     options.search_epochs)
+                passed = search["candidates"][-1]["passed"] = val >= reference - options.tolerance
                 log(f"cascade: {stage} rate {rate:.3g}: val top-1 {val:.2f}% after {options.search_epochs} epoch(s) "
                     f"({'kept' if passed else 'rejected'})")
                 if not passed:
@@ -303,8 +351,9 @@ def prune_run(
     if final is None:
         final = rewound(model, masks, options.rewind, initial, recorded.seed)
         start = snapshot(final)
-        log(f"rewinding ({options.rewind}) the pruned model: {cfg.epochs} epochs")
-        fit(final, bundle, cfg, progress=progress)
+        resume = (out / CHECKPOINT_FILE).is_file()
+        log(f"rewinding ({options.rewind}) the pruned model: {cfg.epochs} epochs" + (" (resumed)" if resume else ""))
+        fit(final, bundle, cfg, out, resume=resume, progress=progress)  # checkpointed in out each epoch
         training_epochs += cfg.epochs
     rewound_metrics = measure(final, bundle, cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,4 +387,5 @@ def prune_run(
         "train_config": cfg.to_dict(), "pruned_from": str(run.resolve()),
     })
     write_json(out / PRUNE_FILE, report)
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # complete: the folder keeps only what serving needs
     return report
