@@ -176,3 +176,19 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(trained, workspace, tm
     timing = {"wall_time_s", "images_per_s"}
     expected, got = (json.loads((d / "metrics.json").read_text()) for d in (trained, out))
     assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in expected.items() if k not in timing}
+
+
+def test_a_run_folder_made_on_other_backbone_weights_is_refused(trained, workspace, tmp_path):
+    """Same architecture, other values: resuming (or reading back) the run would mix two backbones."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({k: v + 0.01 for k, v in load_file(str(workspace / "backbone.safetensors")).items()}, str(other))
+    recorded = json.loads((trained / "config.json").read_text())["metadata"]["backbone"]["sha256"]
+    assert json.loads((trained / "metrics.json").read_text())["backbone_sha256"] == recorded
+    for extra in (("--resume",), ()):
+        args = list(train_args(workspace, trained, *extra))
+        args[args.index("--weights") + 1] = other
+        result = runner.invoke(app, [str(a) for a in args], terminal_width=300)
+        assert result.exit_code == 1, result.output
+        assert "was made on other backbone weights" in result.output and recorded[:12] in result.output

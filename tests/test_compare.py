@@ -56,9 +56,13 @@ def test_compare_gives_one_row_per_run_with_the_runs_metrics(demo_rows, workspac
 def test_a_finished_comparison_is_read_back_not_retrained(demo_rows, workspace):
     files = sorted((workspace / "demo" / "runs").rglob("*.*"))
     stamps = [f.stat().st_mtime_ns for f in files]
-    again = compare([f"imagefolder:{workspace / 'images'}"], tiny(["linear", "vpt-deep"]), workspace / "demo")
+    task, recipes = f"imagefolder:{workspace / 'images'}", tiny(["linear", "vpt-deep"])
+    again = compare([task], recipes, workspace / "demo", weights=workspace / "backbone.safetensors")
     assert again == demo_rows
     assert sorted((workspace / "demo" / "runs").rglob("*.*")) == files and [f.stat().st_mtime_ns for f in files] == stamps
+    with pytest.raises(ValueError, match="was made on other backbone weights"):  # the shipped weights, not the runs'
+        compare([task], recipes, workspace / "demo")
+    assert [f.stat().st_mtime_ns for f in files] == stamps
 
 
 def test_other_settings_in_a_finished_run_folder_are_refused(demo_rows, workspace):
