@@ -14,6 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from vptune.backbones import BUNDLED_BACKBONE
 from vptune.cli import app
 from vptune.sweep import Outcome, Run, SweepConfig, choose, markdown, run_sweep, summarize, task_group, task_name
 from vptune.sweep.tune import check_settings
@@ -96,12 +97,21 @@ def test_bad_sweeps_are_refused_with_the_reason(tmp_path):
     assert result.exit_code == 1 and "--lr-grid expects comma-separated float values" in result.output
 
 
-def test_a_sweep_folder_is_not_resumed_with_other_settings(tmp_path):
-    config = SweepConfig("b", "linear", ["mini:digits"], tmp_path, train=TrainConfig(epochs=3))
+def test_a_sweep_folder_is_not_resumed_with_other_settings(tmp_path, weights):
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "backbone.safetensors"
+    state = load_file(weights)
+    save_file(state, str(copy))
+    config = SweepConfig(BUNDLED_BACKBONE, "linear", ["mini:digits"], tmp_path, weights=str(copy),
+                         train=TrainConfig(epochs=3))
     check_settings(config)
     check_settings(dataclasses.replace(config, lr_grid=(1.0,), seeds=(1,)))  # grid and seeds may change
     with pytest.raises(ValueError, match="other settings .*epochs"):
         check_settings(dataclasses.replace(config, train=TrainConfig(epochs=5)))
+    save_file({k: v * 1.01 for k, v in state.items()}, str(copy))  # the same file name, other values
+    with pytest.raises(ValueError, match="other settings .*backbone_sha256"):
+        check_settings(config)
 
 
 # --- real sweeps: train_run on a mini task, trials on a local Ray ----------------------------
