@@ -110,7 +110,7 @@ def test_a_sweep_folder_is_not_resumed_with_other_settings(tmp_path, weights):
     with pytest.raises(ValueError, match="other settings .*epochs"):
         check_settings(dataclasses.replace(config, train=TrainConfig(epochs=5)))
     save_file({k: v * 1.01 for k, v in state.items()}, str(copy))  # the same file name, other values
-    with pytest.raises(ValueError, match="other settings .*backbone_sha256"):
+    with pytest.raises(ValueError, match="other settings .*backbone_weights"):
         check_settings(config)
 
 

@@ -1,6 +1,6 @@
 """How vptune walks each supported backbone family (timm ViT), and how it loads them."""
 
 from .bundled import BUNDLED_BACKBONE
-from .loading import load_backbone, weights_sha256
+from .loading import load_backbone
 
-__all__ = ["BUNDLED_BACKBONE", "load_backbone", "weights_sha256"]
+__all__ = ["BUNDLED_BACKBONE", "load_backbone"]

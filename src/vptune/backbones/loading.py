@@ -6,7 +6,6 @@ head); any other missing, unexpected or mis-shaped tensor is an error naming fil
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import timm
@@ -46,16 +45,6 @@ def load_backbone(
     if weights is not None:
         load_weights(model, weights)
     return model.eval()
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """A fingerprint of a backbone's weights (names, shapes, dtypes and values), recorded in every
-    run so that a run made on other weights of the same architecture is told apart."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _create_timm(name: str, pretrained: bool) -> VisionTransformer:

@@ -23,7 +23,8 @@ from typing import Any, Callable
 from ray.tune import Callback
 from rich.console import Console
 
-from ..backbones import load_backbone, weights_sha256
+from ..backbones import load_backbone
+from ..backbones.vit import weights_fingerprint
 from ..train import TrainConfig
 from ..train.checkpoint import CHECKPOINT_FILE
 from .protocol import METRICS_FILE, STOPPED_FILE, Outcome, Run, SweepConfig, first_line, read_outcome, write_json
@@ -90,12 +91,12 @@ class RaySession:
 def check_settings(config: SweepConfig) -> None:
     """Refuse to resume a sweep folder made with other settings: its finished runs would be reused.
     The grid, the seeds and the tasks may change (they only add or skip runs). The backbone's
-    weights count by value (their sha256), not by file name: a file rewritten in place is other settings."""
+    weights count by value (their fingerprint), not by file name: a file rewritten in place is other settings."""
     backbone = load_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
     settings = {
         "backbone": config.backbone,
         "weights": config.weights,
-        "backbone_sha256": weights_sha256(backbone),
+        "backbone_weights": weights_fingerprint(backbone),
         "pretrained": config.pretrained,
         "method": config.method,
         "method_options": config.method_options,

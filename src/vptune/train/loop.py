@@ -246,7 +246,7 @@ def check_run_folder(model: PromptModel, out_dir: Path) -> None:
         return
     run = read_run_config(out_dir)
     check_compatible(run, model.backbone, out_dir)
-    check_backbone_weights(run, model.metadata.get("backbone", {}).get("sha256"), out_dir)
+    check_backbone_weights(run, model.backbone_fingerprint, out_dir)
     saved, here = run["method_config"], model.config.to_dict()
     if saved != here or run["num_classes"] != model.num_classes:
         raise ValueError(
@@ -255,13 +255,14 @@ def check_run_folder(model: PromptModel, out_dir: Path) -> None:
         )
 
 
-def check_backbone_weights(run: dict[str, Any], sha256: str | None, out_dir: Path) -> None:
-    """Refuse a run folder made on other weights of the same architecture (both fingerprints known)."""
-    saved = run.get("metadata", {}).get("backbone", {}).get("sha256")
-    if saved and sha256 and saved != sha256:
+def check_backbone_weights(run: dict[str, Any], fingerprint: str, out_dir: Path) -> None:
+    """Refuse to continue or read back a run made on other weights of the same architecture
+    (``backbone_weights``, the fingerprint every run config records)."""
+    saved = run.get("backbone_weights")
+    if saved is not None and saved != fingerprint:
         raise ValueError(
-            f"run folder {out_dir} was made on other backbone weights (sha256 {saved[:12]}..., these are "
-            f"{sha256[:12]}...): choose another --out, or the weights it was made with"
+            f"run folder {out_dir} was made on other backbone weights (fingerprint {saved}, these are "
+            f"{fingerprint}): choose another --out, or the weights it was made with"
         )
 
 

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import save_file
 
-from ..backbones import BUNDLED_BACKBONE, load_backbone, weights_sha256
+from ..backbones import BUNDLED_BACKBONE, load_backbone
+from ..backbones.vit import weights_fingerprint
 from ..data.transforms import backbone_data_config, eval_transform
 from ..flops import extra_flops
 from ..methods import config_for
@@ -61,9 +62,8 @@ def train_run(
     config = config_for(method, **method_options)
     torch.manual_seed(cfg.seed)  # a timm backbone without weights is random: make it the same on --resume
     net = load_backbone(backbone, weights=weights, pretrained=pretrained)
-    fingerprint = weights_sha256(net)
     if resume and (out / METRICS_FILE).is_file() and not (out / CHECKPOINT_FILE).is_file():
-        check_backbone_weights(read_run_config(out), fingerprint, out)
+        check_backbone_weights(read_run_config(out), weights_fingerprint(net), out)
         return json.loads((out / METRICS_FILE).read_text())
     data_config = backbone_data_config(net)
     bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images)
@@ -76,7 +76,6 @@ def train_run(
         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         backbone={
             "spec": backbone, "weights": None if weights is None else str(Path(weights).resolve()), "pretrained": pretrained,
-            "sha256": fingerprint,
         },
     )
     # Prompt methods keep their initial values for rewinding after pruning; for the methods that
@@ -91,7 +90,6 @@ def train_run(
         "method": config.method_name(),
         "method_config": config.to_dict(),
         "backbone": backbone,
-        "backbone_sha256": fingerprint,
         "data": data,
         "final": final,
         "val_top1": result["val_top1"],
