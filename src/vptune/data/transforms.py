@@ -53,6 +53,8 @@ def backbone_data_config(backbone: nn.Module) -> dict:
     return config
 
 
-def eval_transform(data_spec: str, data_config: dict) -> Transform:
-    """The preprocessing evaluation uses for data ``data_spec``: FGVC's resize + centre crop, else a resize."""
-    return fgvc_transforms(data_config)[1] if data_spec.startswith("fgvc:") else resize_transform(data_config)
+def eval_transform(data_spec: str | None, data_config: dict) -> Transform:
+    """The preprocessing evaluation uses for data ``data_spec`` (a run's recorded data, if any):
+    FGVC's resize + centre crop, else a resize."""
+    fgvc = isinstance(data_spec, str) and data_spec.startswith("fgvc:")
+    return fgvc_transforms(data_config)[1] if fgvc else resize_transform(data_config)

@@ -134,7 +134,6 @@ def create_app(model: MultiTaskModel, config: ServeConfig | None = None) -> Fast
     )
     preprocessing = backbone_data_config(model.backbone)
     channels = model.backbone.patch_embed.proj.in_channels
-    transforms: dict[str, Callable[[Image.Image], Tensor]] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -190,7 +189,8 @@ def create_app(model: MultiTaskModel, config: ServeConfig | None = None) -> Fast
         try:
             async with batcher.admit():
                 data = await file.read()
-                transform = transforms.get(task) or transforms.setdefault(task, eval_transform(str(served.model.metadata.get("data", "")), preprocessing))
+                # built per request (cheap), so a task removed and added again from another run is not stale
+                transform = eval_transform(served.model.metadata.get("data"), preprocessing)
                 try:
                     image = await asyncio.to_thread(decode_image, data, transform, channels, config.max_image_pixels)
                 except BadImage as error:

@@ -175,7 +175,7 @@ def predict_files(model: PromptModel, files: list[str | Path], top_k: int = 5) -
     entry instead, so one bad file does not stop the others."""
     from PIL import Image, UnidentifiedImageError
 
-    transform = eval_transform(str(model.metadata.get("data", "")), backbone_data_config(model.backbone))
+    transform = eval_transform(model.metadata.get("data"), backbone_data_config(model.backbone))
     names = model.metadata.get("class_names") or [str(i) for i in range(model.num_classes)]
     device = next(model.parameters()).device
     model.eval()
