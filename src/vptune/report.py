@@ -239,7 +239,7 @@ def results_mini_block(
 
 - Command: `{command}`
 - Backbone: `{backbone}`
-- Machine: {machine()}; shared with other jobs while it ran
+- Machine: {machine()}
 - Date: {now()}; wall time of this invocation {wall_time_s / 3600:.2f} h (runs finished earlier are read back);
   training time of all its runs, search and final: {compute / 3600:.2f} h
 - Protocol: {protocol} One seed (0).

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -23,6 +21,7 @@ from torch import Tensor, nn
 
 from ..data.cache import cache_root
 from ..data.fashion_mnist import load_fashion_mnist
+from ..report import machine, now
 from .bundled import ARCHITECTURE, BUNDLED_BACKBONE, MEAN, STD, build_bundled
 
 _PAD = 2  # 28x28 -> 32x32
@@ -75,18 +74,6 @@ def _save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def pretrain(
@@ -226,9 +213,9 @@ random crop 32 from the image padded by 2+2 px (shifts up to 2 px) and horizonta
 ## Results
 - Fashion-MNIST test top-1: **{results['test_accuracy'] * 100:.2f}%**
 - Wall time: {results['wall_time_min']:.1f} min ({results['images_per_s']:.0f} training images/s end to end)
-- Machine: {_machine()}.
+- Machine: {machine()}.
 - Weights: `{BUNDLED_BACKBONE}.safetensors`, {results['weights_mb']:.1f} MB, float32.
-- Written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.
+- Written {now()}.
 
 ## Limitations
 Trained from scratch on one small grayscale dataset for {recipe['epochs']} epochs, to fit a 2-core CPU. For
