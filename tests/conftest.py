@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight timm ViTs that differ in the ways vptune must handle."""
+"""Shared fixtures: tiny random-weight timm ViTs that differ in the ways vptune must handle,
+with honest weights (``honest.honest_``: non-zero biases, distinct norms, non-constant tokens)."""
 
 import pytest
 import torch
@@ -6,6 +7,8 @@ import vptune  # noqa: F401  (installs the torchvision shim before timm)
 import timm
 from timm.layers import Attention
 from timm.models.vision_transformer import VisionTransformer
+
+from honest import honest_
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation (10-50x slower on a loaded machine)
 
@@ -41,14 +44,15 @@ MORE_ARCHITECTURES = {
 
 
 def tiny_vit(name: str = "cls-token", seed: int = 0, **overrides) -> VisionTransformer:
+    """A tiny timm ViT of the named variant with honest weights (``honest_``), in eval mode."""
     torch.manual_seed(seed)
     kwargs = dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=7)
     kwargs.update(ARCHITECTURES[name] if name in ARCHITECTURES else MORE_ARCHITECTURES[name])
     kwargs.update(overrides)
     timm_name = kwargs.pop("timm_name", None)
     if timm_name is not None:
-        return timm.create_model(timm_name, pretrained=False, **kwargs).eval()
-    return VisionTransformer(**kwargs).eval()
+        return honest_(timm.create_model(timm_name, pretrained=False, **kwargs).eval(), seed)
+    return honest_(VisionTransformer(**kwargs).eval(), seed)
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))
@@ -70,7 +74,7 @@ def two_class_workspace(root, train: int = 4, size: int = 20):
     from vptune.backbones.bundled import build_bundled
 
     torch.manual_seed(0)
-    save_file(build_bundled().state_dict(), str(root / "backbone.safetensors"))
+    save_file(honest_(build_bundled()).state_dict(), str(root / "backbone.safetensors"))
     for split, count in (("train", train), ("val", 2), ("test", 2)):
         for name, colour in {"red": (200, 30, 30), "blue": (30, 30, 200)}.items():
             folder = root / "images" / split / name

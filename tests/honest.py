@@ -14,7 +14,7 @@ family's attribute names.
   tokens drawn with std 1e-6) gets small random values: a zero one N(0, 0.02²), a non-zero one
   its value times 1 ± 20%, so a layer-scale gamma keeps its size.
 
-Scales stay small (bias std 0.1, norm weights in [0.75, 1.25]) so that softmax does not
+Scales stay small (bias std 0.05, norm weights in [0.75, 1.25]) so that softmax does not
 saturate and tolerances that hold for the library's initialisation keep holding.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-BIAS_STD = 0.1
+BIAS_STD = 0.05
 NORM_WEIGHT_SPREAD = 0.25  # weight in [1 - spread, 1 + spread]
 ZERO_STD = 0.02
 CONSTANT_SPREAD = 0.2

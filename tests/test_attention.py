@@ -65,11 +65,12 @@ def assert_paths_agree(kv_model: vptune.PromptModel, images: torch.Tensor) -> No
     for name in kv_grads:
         assert tokens_grads[name].abs().sum() > 0, f"{name} got no gradient"
         assert_relative_close(kv_grads[name], tokens_grads[name], what=name)
-    # The prompts must matter, or the comparison above proves nothing.
+    # The prompts must matter well above the tolerance, or the comparison above proves nothing
+    # (the attention-pooled "map-pool" backbone is the least sensitive: about 7e-4).
     without = vptune.prompt_model(kv_model.backbone, vptune.config_for("linear"), NUM_CLASSES)
     without.head.load_state_dict(kv_model.head.state_dict())
     with torch.no_grad():
-        assert (without(images) - kv_logits).abs().max() > 1e-3
+        assert (without(images) - kv_logits).abs().max() > 1e-4
 
 
 # --- an independent implementation on timm's own Block.forward ---------------------------

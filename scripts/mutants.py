@@ -1,0 +1,156 @@
+"""Plant representative bugs in a copy of the code and check that the test suite catches each.
+
+    python scripts/mutants.py            # every mutant (``make mutants``)
+    python scripts/mutants.py -k cache   # the mutants whose name contains "cache"
+    python scripts/mutants.py --list
+
+For each mutant: copy ``src/`` to a temporary folder, apply one text substitution (the pattern
+must occur exactly as often as stated, so a refactoring that moves the code makes the mutant
+fail loudly instead of rotting into a no-op), run the tests that guard that code against the
+copy (``PYTHONPATH`` first, checked), and record whether a test failed and which. Prints a
+table and exits non-zero if any mutant was missed or could not be planted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str  # under src/vptune
+    pattern: str  # literal text
+    replacement: str
+    tests: tuple[str, ...]  # pytest arguments (files, node ids, -k expressions)
+    count: int = 1  # how many times the pattern must occur
+
+
+MUTANTS = [
+    Mutant(
+        "prompt k/v without the qkv bias",
+        "attention.py",
+        "None if bias is None else bias[D:]",
+        "None",
+        ("tests/test_attention.py",),
+    ),
+    Mutant(
+        "prompt k/v through norm2 instead of norm1",
+        "attention.py",
+        "F.linear(block.norm1(prompts)",
+        "F.linear(block.norm2(prompts)",
+        ("tests/test_attention.py",),
+    ),
+    Mutant(
+        "prompt keys and values swapped",
+        "attention.py",
+        "k, v = kv.reshape(B, p, 2, H, Dh)",
+        "v, k = kv.reshape(B, p, 2, H, Dh)",
+        ("tests/test_attention.py",),
+    ),
+    Mutant(
+        "one prompt dropout mask shared by the batch",
+        "methods/vpt.py",
+        "self.dropout(prompts.expand(batch, -1, -1))",
+        "self.dropout(prompts).expand(batch, -1, -1)",
+        ("tests/test_attention.py", "-k", "dropout"),
+    ),
+    Mutant(
+        "kv cache never invalidated",
+        "backbones/vit.py",
+        "if hit is None or not torch.equal(hit[0], carried):",
+        "if hit is None:",
+        ("tests/test_attention.py", "-k", "cache"),
+    ),
+    Mutant(
+        "APT weight w not detached",
+        "methods/apt.py",
+        "scores.amax(dim=-1, keepdim=True).detach()",
+        "scores.amax(dim=-1, keepdim=True)",
+        ("tests/test_attention.py", "-k", "apt"),
+    ),
+]
+
+
+def plant(src: Path, mutant: Mutant) -> None:
+    path = src / "vptune" / mutant.file
+    text = path.read_text()
+    found = text.count(mutant.pattern)
+    if found != mutant.count:
+        raise LookupError(
+            f"{mutant.file}: pattern {mutant.pattern!r} found {found} times, expected {mutant.count}: "
+            "the code moved; update the mutant in scripts/mutants.py"
+        )
+    path.write_text(text.replace(mutant.pattern, mutant.replacement))
+
+
+def run_tests(src: Path, tests: tuple[str, ...], timeout: float) -> tuple[str, str, float]:
+    """(outcome, first failing test or note, seconds) of the tests against the code in ``src``."""
+    env = dict(os.environ, PYTHONPATH=str(src), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    check = subprocess.run(
+        [sys.executable, "-c", "import vptune; print(vptune.__file__)"], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    if not check.stdout.strip().startswith(str(src)):
+        raise RuntimeError(f"vptune imported from {check.stdout.strip() or check.stderr.strip()}, not from the mutated copy {src}")
+    command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-rf", *tests]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", f"over {timeout:.0f} s", time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if done.returncode == 0:
+        return "missed", "", seconds
+    failed = re.search(r"^FAILED (\S+)", done.stdout, re.MULTILINE)
+    if done.returncode == 1 and failed:
+        return "caught", failed.group(1), seconds
+    tail = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["?"]
+    return "error", f"pytest exit {done.returncode}: {tail[0]}", seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="run only the mutants whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant")
+    args = parser.parse_args()
+    mutants = [m for m in MUTANTS if args.k.lower() in m.name.lower()]
+    if args.list:
+        for m in mutants:
+            print(f"{m.name}: {m.file}: {m.pattern!r} -> {m.replacement!r}; tests: {' '.join(m.tests)}")
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vptune-mutants-") as tmp:
+        for i, mutant in enumerate(mutants):
+            src = Path(tmp) / f"m{i}" / "src"
+            shutil.copytree(ROOT / "src", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            try:
+                plant(src, mutant)
+            except LookupError as error:
+                rows.append((mutant.name, "not planted", str(error), 0.0))
+            else:
+                rows.append((mutant.name, *run_tests(src, mutant.tests, args.timeout)))
+            print(f"{rows[-1][1]:>11}  {mutant.name}  ({rows[-1][3]:.0f} s)", file=sys.stderr, flush=True)
+    width = max(len(r[0]) for r in rows)
+    print(f"\n| {'planted bug':<{width}} | outcome | caught by |")
+    print(f"|{'-' * (width + 2)}|---------|-----------|")
+    for name, outcome, by, _ in rows:
+        print(f"| {name:<{width}} | {outcome} | {by} |")
+    missed = [r for r in rows if r[1] != "caught"]
+    print(f"\n{len(rows) - len(missed)} of {len(rows)} planted bugs caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
