@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import ARCHITECTURES, MORE_ARCHITECTURES, tiny_vit
 
 import vptune
-from vptune.backbones.vit import embed, pooled_features
+from vptune.backbones.family import family_of
 
 ALL_ARCHITECTURES = sorted(ARCHITECTURES) + sorted(MORE_ARCHITECTURES)
 NUM_CLASSES = 5
@@ -105,7 +105,7 @@ def vpt_prompt_tokens(model: vptune.PromptModel) -> dict[int, torch.Tensor]:
 
 
 def pooled(model: vptune.PromptModel, images: torch.Tensor) -> torch.Tensor:
-    return pooled_features(model.backbone, model.forward_features(images))
+    return model.family.pooled_features(model.forward_features(images))
 
 
 # --- 1. kv path == tokens path ----------------------------------------------------------
@@ -186,7 +186,7 @@ def test_vpt_add_location_equals_literal(deep):
     prompts = model.method.prompt_embeddings  # sets, N, d
     assert prompts.shape[1] == 16 + backbone.num_prefix_tokens
     with torch.no_grad():
-        x = embed(backbone, images)
+        x = family_of(backbone).embed(images)[0]
         for i, block in enumerate(backbone.blocks):
             if deep or i == 0:
                 x = x + prompts[i if deep else 0]
@@ -397,7 +397,7 @@ def test_apt_equals_reference_formula(name):
     parameters = [method.prompt_embeddings, method.down, method.up, method.log_scale]
     P, W1, W2, s = (t[0] for t in parameters)
 
-    x = embed(backbone, images).detach()
+    x = family_of(backbone).embed(images)[0].detach()
     u = block.norm1(x)
     a = explicit_attention(block.attn, u)
     P_hat = P + (P @ W1) @ W2
@@ -429,7 +429,7 @@ def test_e2vpt_attention_equals_explicit_softmax(name, path, shared_kv):
     value_kv = key_kv if shared_kv else method.value_prompts[0][None]
     prompts = method.visual.prompt_embeddings[0][None]  # 1, p, d
 
-    x = embed(backbone, images)
+    x = family_of(backbone).embed(images)[0]
     prefix, p = backbone.num_prefix_tokens, prompts.shape[1]
     seq = torch.cat([x[:, :prefix], prompts.expand(x.shape[0], -1, -1), x[:, prefix:]], dim=1)
     out = finish_block(block, seq, explicit_attention(block.attn, block.norm1(seq), key_kv, value_kv))

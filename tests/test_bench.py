@@ -11,8 +11,7 @@ from conftest import tiny_vit
 from typer.testing import CliRunner
 
 from vptune import config_for, prompt_model
-from vptune.attention import block_forward, prompt_keys_values
-from vptune.backbones.vit import pooled_features
+from vptune.attention import block_forward, block_prompt_keys_values
 from vptune.bench import KEYS, BenchSettings, Entry, _cpu_peak_bytes, parse_methods, run_bench, write_csv, write_json
 from vptune.flops import count_flops
 
@@ -107,7 +106,7 @@ def test_prompted_block_saves_only_what_input_gradients_need():
     B, N, d, p = 4, 17, 48, 5
     x = torch.randn(B, N, d, requires_grad=True)
     prompts = torch.randn(1, p, d, requires_grad=True)
-    k, v = prompt_keys_values(block, prompts)
+    k, v = block_prompt_keys_values(block, prompts)
     expected = 4 * (B * N * d * (2 + 1 + 1 + 4) + 2 * B * (N + p) * d)  # fp32
     saved = saved_bytes(lambda: block_forward(block, x, k, v), block)
     assert expected <= saved <= expected * 1.05
@@ -210,7 +209,7 @@ def test_forward_equals_pooling_the_whole_last_sequence(arch, method, options, i
         return logits.detach(), {name: p.grad.clone() for name, p in model.tuned_parameters().items()}
 
     fast, fast_grads = logits_and_grads(model)
-    full, full_grads = logits_and_grads(lambda x: model.head(pooled_features(model.backbone, model.forward_features(x))))
+    full, full_grads = logits_and_grads(lambda x: model.head(model.family.pooled_features(model.forward_features(x))))
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
     for name, grad in full_grads.items():  # 1e-5 relative to the gradient's largest entry
         assert (fast_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max() + 1e-7, name

@@ -1,14 +1,20 @@
-"""The one mechanism every prompt method rests on: a frozen timm attention layer that
-attends over extra keys and values, with an optional additive bias on the keys.
+"""The one mechanism every prompt method rests on: a frozen attention layer that attends over
+extra keys and values, with an optional additive bias on the keys, and whose output a method
+may rewrite (APT).
 
-Everything here re-composes the attention module's own frozen submodules (``qkv``,
-``q_norm``, ``k_norm``, ``norm``, ``gate``, ``proj``); nothing of timm is copied or patched.
+Everything here re-composes a timm attention module's own frozen submodules (``qkv`` or
+``q_proj``/``k_proj``/``v_proj``, the separate ``q_bias``/``v_bias`` of BEiT and EVA, ``q_norm``,
+``k_norm``, ``norm``, ``gate``, ``proj``); nothing of timm is copied or patched. The same
+function serves every timm family (ViT, Eva, BEiT, Swin windows); a family only says where
+positions apply (rotary embedding, relative position bias) and which tokens are prompts.
 
-- ``attend`` is timm's ``Attention.forward`` with keys/values appended after the
-  projections: VPT-deep prompt keys (the fast path), E2VPT key-value prompts, or both.
-- ``prompt_keys_values`` computes what a prompt token contributes to a block's attention,
-  ``K = k_norm(LN1(P) W_k + b_k)``, ``V = LN1(P) W_v + b_v``, skipping its query row,
-  output projection and MLP: those outputs are discarded in VPT-deep anyway.
+- ``attend`` is timm's attention forward with keys/values appended after the projections:
+  VPT-deep prompt keys (the exact key-value path), E2VPT key-value prompts, or both.
+- ``prompt_keys_values`` computes what prompt tokens contribute to an attention layer,
+  ``K = k_norm(x W_k + b_k)``, ``V = x W_v + b_v`` for the layer's input ``x`` (LN1 of the
+  prompts), skipping their query rows, output projection and MLP: those outputs are
+  discarded in VPT-deep anyway (docs/methods.md, "The exact key-value path").
+- Prompts get no position: no rotary embedding, zero relative-position bias.
 """
 
 from __future__ import annotations
@@ -22,6 +28,61 @@ from torch import Tensor, nn
 AttentionOutputHook = Callable[[Tensor, Tensor], Tensor]
 
 
+def _separate_bias(attn: nn.Module) -> Tensor | None:
+    """BEiT's and EVA's q and v biases beside a bias-free fused ``qkv`` (k has none)."""
+    if getattr(attn, "q_bias", None) is None:
+        return None
+    k_bias = attn.k_bias if getattr(attn, "k_bias", None) is not None else torch.zeros_like(attn.q_bias)
+    return torch.cat([attn.q_bias, k_bias, attn.v_bias])
+
+
+def project_qkv(attn: nn.Module, x: Tensor) -> Tensor:
+    """``[x W_q + b_q, x W_k + b_k, x W_v + b_v]`` (B, N, 3D) through the attention's own
+    projection modules (so that LoRA, injected into them, acts)."""
+    if getattr(attn, "qkv", None) is not None:
+        qkv = attn.qkv(x)
+        bias = _separate_bias(attn)
+        return qkv if bias is None else qkv + bias
+    return torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], dim=-1)
+
+
+def project_kv(attn: nn.Module, x: Tensor) -> Tensor:
+    """``[x W_k + b_k, x W_v + b_v]`` (B, N, 2D) only, for tokens whose queries nobody reads."""
+    qkv = getattr(attn, "qkv", None)
+    if type(qkv) is not nn.Linear:  # separate projections, or an adapted (LoRA) module
+        if qkv is None:
+            return torch.cat([attn.k_proj(x), attn.v_proj(x)], dim=-1)
+        return project_qkv(attn, x)[..., qkv.out_features // 3 :]
+    D = qkv.out_features // 3
+    bias = _separate_bias(attn)
+    bias = qkv.bias if bias is None else bias
+    return F.linear(x, qkv.weight[D:], None if bias is None else bias[D:])
+
+
+def _norm(attn: nn.Module, name: str, x: Tensor) -> Tensor:
+    """The attention's optional norm ``name`` (q_norm, k_norm, the output's scale norm)."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
+def heads(attn: nn.Module) -> tuple[int, int]:
+    """(heads, head size) of a timm attention module."""
+    head_dim = getattr(attn, "head_dim", None)
+    if head_dim is None:  # BEiT keeps only the fused projection's width
+        head_dim = attn.qkv.out_features // 3 // attn.num_heads
+    return attn.num_heads, head_dim
+
+
+def _rotate(t: Tensor, rope: Tensor | None, start: int, half: bool) -> Tensor:
+    """Rotary position embedding on tokens ``start:`` of ``t`` (B, H, N, Dh); the first ``start``
+    tokens (prefix and prompt tokens) have no position."""
+    if rope is None:
+        return t
+    from timm.layers import apply_rot_embed_cat
+
+    return torch.cat([t[:, :, :start], apply_rot_embed_cat(t[:, :, start:], rope, half=half)], dim=2).type_as(t)
+
+
 def attend(
     attn: nn.Module,
     x: Tensor,
@@ -29,47 +90,71 @@ def attend(
     extra_v: Tensor | None = None,
     key_bias: Tensor | None = None,
     queries: int | None = None,
+    *,
+    rope: Tensor | None = None,
+    rope_from: int = 0,
+    position_bias: Tensor | None = None,
 ) -> Tensor:
     """Self-attention of ``x`` (B, N, d), plus ``extra_k``/``extra_v`` (B|1, H, M, Dh) as
-    additional keys and values. ``key_bias`` (B|1, 1, 1, N+M) is added to the attention
-    logits: a log-mask, where ``-inf`` removes a key exactly. With ``queries`` only the first
-    ``queries`` tokens attend, and only their outputs (B, queries, d) are computed."""
+    additional keys and values. ``key_bias`` (B|1, 1, 1, N+M) is added to the attention logits:
+    a log-mask, where ``-inf`` removes a key exactly. ``rope`` rotates tokens ``rope_from:``;
+    ``position_bias`` (B|1|nW, H, N, N) is the family's own position bias over ``x`` (zero for
+    prompt rows and columns). With ``queries`` only the first ``queries`` tokens attend, and only
+    their outputs (B, queries, d) are computed."""
     B, N, _ = x.shape
-    H, Dh = attn.num_heads, attn.head_dim
+    H, Dh = heads(attn)
     n = N if queries is None else min(queries, N)
     gate = attn.gate(x[:, :n]).sigmoid() if getattr(attn, "gate", None) is not None else None
     # Unbound on the q/k/v axis, backward stacks the three gradients straight into the layout
     # the projection's backward reads (one copy; permuting first would cost a second).
-    qkv = attn.qkv(x).reshape(B, N, 3, H, Dh).unbind(2)  # 3 x (B, N, H, Dh)
+    qkv = project_qkv(attn, x).reshape(B, N, 3, H, Dh).unbind(2)  # 3 x (B, N, H, Dh)
     q, k, v = (t.transpose(1, 2) for t in qkv)  # 3 x (B, H, N, Dh)
-    q, k = attn.q_norm(q[:, :, :n]), attn.k_norm(k)  # q: B, H, n, Dh
+    half = bool(getattr(attn, "rotate_half", False))
+    q = _norm(attn, "q_norm", q[:, :, :n])
+    k = _rotate(_norm(attn, "k_norm", k), rope, rope_from, half)
+    if rope is not None and n > rope_from:
+        q = _rotate(q, rope.narrow(-2, 0, n - rope_from), rope_from, half)
+    mask = None if position_bias is None else position_bias[..., :n, :]
     if extra_k is not None:
+        M = extra_k.shape[2]
         k = torch.cat([k, extra_k.to(k.dtype).expand(B, -1, -1, -1)], dim=2)  # B, H, N+M, Dh
         v = torch.cat([v, extra_v.to(v.dtype).expand(B, -1, -1, -1)], dim=2)
+        if mask is not None:
+            mask = F.pad(mask, (0, M))  # extra keys have no position
         if torch.is_grad_enabled():
             q = q.contiguous()  # a view would keep the whole fused qkv output alive for backward
     if key_bias is not None:
-        key_bias = key_bias.to(q.dtype)
+        mask = key_bias if mask is None else mask + key_bias
+    if mask is not None:
+        mask = mask.to(q.dtype)
     dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     out = out.transpose(1, 2).reshape(B, n, H * Dh)
-    out = attn.norm(out)
+    out = _norm(attn, "norm", out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out))
 
 
-def prompt_keys_values(block: nn.Module, prompts: Tensor) -> tuple[Tensor, Tensor]:
-    """Keys and values (B|1, H, p, Dh) that prompt tokens (B|1, p, d) contribute to ``block``,
-    through its frozen LN1, K/V projections and k-norm; no query, output projection or MLP."""
-    attn = block.attn
+def prompt_keys_values(attn: nn.Module, prompts: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values (B|1, H, p, Dh) that prompt tokens (B|1, p, d), already normalised as
+    the layer's input, contribute to ``attn``: its frozen K/V projections and k-norm, no
+    position, no query, output projection or MLP."""
     B, p, _ = prompts.shape
-    H, Dh = attn.num_heads, attn.head_dim
-    D = H * Dh
-    weight, bias = attn.qkv.weight, attn.qkv.bias
-    kv = F.linear(block.norm1(prompts), weight[D:], None if bias is None else bias[D:])  # B, p, 2D
+    H, Dh = heads(attn)
+    kv = project_kv(attn, prompts)  # B, p, 2D
     k, v = kv.reshape(B, p, 2, H, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, H, p, Dh)
-    return attn.k_norm(k), v
+    return _norm(attn, "k_norm", k), v
+
+
+def layer_scale(block: nn.Module, which: int, x: Tensor) -> Tensor:
+    """The block's layer scale on branch ``which`` (1: attention, 2: MLP): timm's ``ls1``/``ls2``
+    modules (ViT) or ``gamma_1``/``gamma_2`` tensors (BEiT, EVA), or none."""
+    module = getattr(block, f"ls{which}", None)
+    if module is not None:
+        return module(x)
+    gamma = getattr(block, f"gamma_{which}", None)
+    return x if gamma is None else gamma * x
 
 
 def block_forward(
@@ -80,16 +165,22 @@ def block_forward(
     key_bias: Tensor | None = None,
     attention_output: AttentionOutputHook | None = None,
     queries: int | None = None,
+    **positions,
 ) -> Tensor:
-    """A timm pre-norm ``Block`` with extra keys/values; ``attention_output(u, a)`` may
-    rewrite the attention output ``a`` given the attention input ``u = LN1(x)`` (APT).
-    With ``queries``, only the first ``queries`` tokens' outputs are computed (every token
-    still gives keys and values): a last block whose other outputs nobody reads."""
+    """A timm pre-norm block with extra keys/values; ``attention_output(u, a)`` may rewrite the
+    attention output ``a`` given the attention input ``u = LN1(x)`` (APT). With ``queries``, only
+    the first ``queries`` tokens' outputs are computed (every token still gives keys and values):
+    a last block whose other outputs nobody reads. ``positions`` go to ``attend``."""
     u = block.norm1(x)
-    a = attend(block.attn, u, extra_k, extra_v, key_bias, queries)
+    a = attend(block.attn, u, extra_k, extra_v, key_bias, queries, **positions)
     if queries is not None:
         u, x = u[:, :queries], x[:, :queries]
     if attention_output is not None:
         a = attention_output(u, a)
-    x = x + block.drop_path1(block.ls1(a))
-    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    x = x + block.drop_path1(layer_scale(block, 1, a))
+    return x + block.drop_path2(layer_scale(block, 2, block.mlp(block.norm2(x))))
+
+
+def block_prompt_keys_values(block: nn.Module, prompts: Tensor) -> tuple[Tensor, Tensor]:
+    """``prompt_keys_values`` of a pre-norm block: the prompts go through its LN1 first."""
+    return prompt_keys_values(block.attn, block.norm1(prompts))

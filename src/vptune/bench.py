@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones.vit import frozen_features
+from .backbones.family import family_of
 from .flops import count_flops
 from .methods import METHOD_NAMES, MethodConfig, config_for
 from .model import PromptModel
@@ -164,7 +164,7 @@ class FrozenBackbone(nn.Module):
         self.backbone = backbone
 
     def forward(self, images: Tensor) -> Tensor:
-        return frozen_features(self.backbone, images)
+        return family_of(self.backbone).frozen_features(images)
 
 
 def build_model(entry: Entry, backbone: nn.Module, settings: BenchSettings) -> nn.Module:
@@ -179,10 +179,8 @@ def build_model(entry: Entry, backbone: nn.Module, settings: BenchSettings) -> n
 
 def random_batch(backbone: nn.Module, batch: int, device: str) -> tuple[Tensor, Tensor]:
     """Images at the backbone's input size, and labels."""
-    height, width = backbone.patch_embed.img_size
-    channels = backbone.patch_embed.proj.in_channels
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, channels, height, width, generator=generator)
+    images = torch.randn(batch, *family_of(backbone).input_size(), generator=generator)
     labels = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
     return images.to(device), labels.to(device)
 

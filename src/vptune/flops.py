@@ -53,15 +53,13 @@ def extra_flops(model: torch.nn.Module) -> int:
     the prompt key/value cache is filled, as it is when serving. Methods that only change
     backbone tensors (full, bias, partial; LoRA, which can be merged into them) add none.
     """
-    from .backbones.vit import frozen_features
-
-    backbone = model.backbone
+    family = model.family
     device = next(model.parameters()).device
-    image = torch.zeros(1, backbone.patch_embed.proj.in_channels, *backbone.patch_embed.img_size, device=device)
+    image = torch.zeros(1, *family.input_size(), device=device)
     was_training = model.training
     model.eval()
     model(image)  # fills the prompt key/value cache
     total = count_flops(lambda: model(image))
-    frozen = count_flops(lambda: frozen_features(backbone, image))
+    frozen = count_flops(lambda: family.frozen_features(image))
     model.train(was_training)
-    return total - frozen - 2 * backbone.num_features * model.num_classes
+    return total - frozen - 2 * family.num_features * model.num_classes

@@ -19,23 +19,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .backbones.vit import (
-    check_backbone,
-    describe,
-    embed,
-    num_backbone_parameters,
-    pooled_features,
-    pooled_outputs,
-    run_blocks,
-    weights_fingerprint,
-)
+from .backbones.family import Family, family_of
 from .methods import MethodConfig, config_from_dict
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "vptune-run/1"
 # Backbone properties a saved run must match; the others (image size, say) may differ.
-_MUST_MATCH = ("architecture", "embed_dim", "depth", "num_heads", "head_dim", "num_prefix_tokens", "global_pool")
+_MUST_MATCH = ("family", "architecture", "embed_dim", "depth", "num_heads", "head_dim", "sites", "num_prefix_tokens", "global_pool")
 
 
 def make_head(in_dim: int, num_classes: int, hidden_layers: int = 0) -> nn.Module:
@@ -52,18 +43,19 @@ def make_head(in_dim: int, num_classes: int, hidden_layers: int = 0) -> nn.Modul
 class PromptModel(nn.Module):
     def __init__(self, backbone: nn.Module, config: MethodConfig, num_classes: int) -> None:
         super().__init__()
-        check_backbone(backbone)
+        family = family_of(backbone)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         backbone.requires_grad_(False)
         backbone.eval()
         self.config = config
         self.num_classes = num_classes
-        self.backbone_fingerprint = weights_fingerprint(backbone)
-        self.backbone_parameters = num_backbone_parameters(backbone)  # before a method adds its own (LoRA)
-        self.method = config.build(backbone)
+        self.backbone_fingerprint = family.fingerprint()
+        self.backbone_parameters = family.num_parameters()  # before a method adds its own (LoRA)
+        self.method = config.build(family)
         self.backbone = self.method.prepare_backbone(backbone)
-        self.head = make_head(backbone.num_features, num_classes, config.head_hidden_layers())
+        self.family: Family = family if self.backbone is backbone else family_of(self.backbone)
+        self.head = make_head(family.num_features, num_classes, config.head_hidden_layers())
         self.metadata: dict[str, Any] = {}
         self.grad_checkpointing = False
 
@@ -78,17 +70,13 @@ class PromptModel(nn.Module):
         return self
 
     def forward_features(self, images: Tensor) -> Tensor:
-        """The backbone's token sequence (B, N, d) after the last block, prompts removed."""
-        x = embed(self.backbone, images)
-        return run_blocks(self.backbone, x, self.method, checkpoint=self.grad_checkpointing)
+        """The backbone's tokens after the last block, prompts removed."""
+        x, aux = self.family.embed(images)
+        return self.family.run_blocks(x, aux, self.method, checkpoint=self.grad_checkpointing)
 
     def forward(self, images: Tensor) -> Tensor:
         # With token pooling only the class token leaves the last block: the rest is not computed.
-        x = embed(self.backbone, images)
-        x = run_blocks(
-            self.backbone, x, self.method, checkpoint=self.grad_checkpointing, outputs=pooled_outputs(self.backbone)
-        )
-        return self.head(pooled_features(self.backbone, x))
+        return self.head(self.family.features(images, self.method, checkpoint=self.grad_checkpointing))
 
     # --- what is tuned -------------------------------------------------------------------
     def tuned_parameters(self) -> dict[str, nn.Parameter]:
@@ -131,7 +119,7 @@ class PromptModel(nn.Module):
             "format": FORMAT,
             "method_config": self.config.to_dict(),
             "num_classes": self.num_classes,
-            "backbone": describe(self.backbone),
+            "backbone": self.family.describe(),
             "backbone_weights": self.backbone_fingerprint,
             "metadata": self.metadata,
         }
@@ -153,8 +141,7 @@ class PromptModel(nn.Module):
         """Rebuild a saved run on ``backbone``, refusing (with the reason) one that does not fit it."""
         directory = Path(directory)
         run = read_run_config(directory)
-        check_backbone(backbone)
-        check_compatible(run, backbone, directory)
+        check_compatible(run, family_of(backbone), directory)
         model = cls(backbone, config_from_dict(run["method_config"]), run["num_classes"])
         model.metadata = run.get("metadata", {})
         if run.get("backbone_weights") not in (None, model.backbone_fingerprint):
@@ -195,18 +182,23 @@ def read_weights(directory: Path) -> dict[str, Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file ({err}): the run folder is damaged") from None
 
 
-def check_compatible(run: dict[str, Any], backbone: nn.Module, directory: Path) -> None:
-    saved, here = run["backbone"], describe(backbone)
-    diffs = [f"{key} {saved.get(key)!r} vs {here[key]!r}" for key in _MUST_MATCH if saved.get(key) != here[key]]
+def check_compatible(run: dict[str, Any], family: Family, directory: Path) -> None:
+    """Refuse a run made on another backbone. A key a run of an older vptune did not record
+    (``family``, ``sites``) is taken from the backbone's when the rest matches."""
+    saved, here = dict(run["backbone"]), family.describe()
+    saved.setdefault("family", "vit")  # runs of vptune 0.1 were all on timm ViTs
+    saved.setdefault("sites", here.get("sites"))
+    diffs = [f"{key} {saved.get(key)!r} vs {here.get(key)!r}" for key in _MUST_MATCH if saved.get(key) != here.get(key)]
     if diffs:
         raise ValueError(
-            f"run folder {directory} was trained on {saved.get('architecture')} "
-            f"(d={saved.get('embed_dim')}, {saved.get('depth')} blocks); this backbone is {here['architecture']} "
-            f"(d={here['embed_dim']}, {here['depth']} blocks): mismatch in {'; '.join(diffs)}. "
+            f"run folder {directory} was trained on {saved.get('architecture')} ({saved.get('family')} family, "
+            f"d={saved.get('embed_dim')}, {saved.get('depth')} blocks); this backbone is {here['architecture']} "
+            f"({here['family']} family, d={here['embed_dim']}, {here['depth']} blocks): mismatch in {'; '.join(diffs[:3])}. "
             f"Pass --backbone {saved.get('architecture')}"
         )
 
 
 def prompt_model(backbone: nn.Module, config: MethodConfig, num_classes: int) -> PromptModel:
-    """Wrap a timm ViT with a method's config and a new head for ``num_classes`` classes."""
+    """Wrap a backbone of any supported family (timm ViT, Eva, BEiT, Swin) with a method's config
+    and a new head for ``num_classes`` classes."""
     return PromptModel(backbone, config, num_classes)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from .bundled import BUNDLED_BACKBONE, build_bundled, bundled_weights_path
-from .vit import check_backbone
+from .family import family_of
 
 _NESTED_KEYS = ("state_dict", "model", "model_ema", "module")
 _SHOWN = 8
@@ -41,7 +41,7 @@ def load_backbone(
                 )
     else:
         model = _create_timm(spec, pretrained=pretrained and weights is None)
-    check_backbone(model)
+    family_of(model)  # refuses a model of no supported family
     if weights is not None:
         load_weights(model, weights)
     return model.eval()

@@ -46,10 +46,10 @@ def fgvc_transforms(data_config: dict) -> tuple[Transform, Transform]:
 def backbone_data_config(backbone: nn.Module) -> dict:
     """timm's data config of ``backbone`` at the input size it was built for (a model built
     without a pretrained config would otherwise report timm's default of 224)."""
+    from ..backbones.family import family_of
+
     config = resolve_data_config(model=backbone)
-    img_size = getattr(backbone.patch_embed, "img_size", None)
-    if img_size is not None:
-        config["input_size"] = (backbone.patch_embed.proj.in_channels, *img_size)
+    config["input_size"] = tuple(family_of(backbone).input_size())
     return config
 
 

@@ -38,27 +38,28 @@ class APTConfig(MethodConfig):
     def method_name(self) -> str:
         return "apt"
 
-    def build(self, backbone: nn.Module) -> "APT":
-        return APT(self, backbone)
+    def build(self, family) -> "APT":
+        return APT(self, family)
 
 
 class APT(Method):
-    def __init__(self, config: APTConfig, backbone: nn.Module) -> None:
+    def __init__(self, config: APTConfig, family) -> None:
         super().__init__()
-        depth, dim, p, r = len(backbone.blocks), backbone.embed_dim, config.num_prompts, config.rank
+        widths, p, r = [site.width for site in family.sites], config.num_prompts, config.rank
         self.config = config
-        self.prompt_embeddings = nn.Parameter(torch.randn(depth, p, dim) * 0.02)  # P
-        self.down = nn.Parameter(torch.randn(depth, dim, r))  # W1
-        self.up = nn.Parameter(torch.zeros(depth, r, dim))  # W2
-        self.log_scale = nn.Parameter(torch.zeros(depth))  # s
+        # Per site of width d (stacked into one (L, ...) tensor each when all sites have one width).
+        self.add_site_parameters("prompt_embeddings", [(p, d) for d in widths], lambda s: torch.randn(s) * 0.02)  # P
+        self.add_site_parameters("down", [(d, r) for d in widths], torch.randn)  # W1
+        self.add_site_parameters("up", [(r, d) for d in widths], torch.zeros)  # W2
+        self.add_site_parameters("log_scale", [() for _ in widths], torch.zeros)  # s
 
     def attention_output(self, index: int):
         return partial(self.approximate, index)
 
     def approximate(self, index: int, u: Tensor, a: Tensor) -> Tensor:
-        prompts = self.prompt_embeddings[index]  # p, d
-        adapted = prompts + (prompts @ self.down[index]) @ self.up[index]  # P_hat: p, d
+        prompts = self.site_parameter("prompt_embeddings", index)  # p, d
+        adapted = prompts + (prompts @ self.site_parameter("down", index)) @ self.site_parameter("up", index)  # P_hat
         scores = F.relu(u @ adapted.transpose(0, 1))  # A: B, N, p
         extra = scores @ prompts  # E: B, N, d
         weight = scores.amax(dim=-1, keepdim=True).detach()  # w: B, N, 1
-        return (a + weight * extra) * self.log_scale[index].exp()
+        return (a + weight * extra) * self.site_parameter("log_scale", index).exp()

@@ -1,14 +1,18 @@
 """What every method shares: a config dataclass that round-trips through JSON, a registry
 from method name to config, and ``Method``, the small set of hooks through which a method
 acts on a frozen ViT. The walk over the blocks that calls these hooks is one function,
-``vptune.backbones.vit.run_blocks``; a method only says what it adds.
+in ``vptune.backbones``, one per model family; a method only says what it adds, and builds its
+tensors from the family's attention sites (``family.sites``: width, heads, head size per
+site), never from a model's attributes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..attention import AttentionOutputHook
@@ -35,7 +39,8 @@ class MethodConfig:
     def method_name(self) -> str:
         raise NotImplementedError
 
-    def build(self, backbone: nn.Module) -> "Method":
+    def build(self, family) -> "Method":
+        """The method's module for ``family`` (a ``vptune.backbones.Family``)."""
         raise NotImplementedError
 
     def head_hidden_layers(self) -> int:
@@ -81,6 +86,29 @@ class Method(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.kv_cache: dict[Any, Any] = {}
+        self.site_rows: dict[str, list[tuple[str, int]]] = {}
+
+    def add_site_parameters(self, name: str, shapes: list[tuple[int, ...]], init: Callable[[tuple[int, ...]], Tensor]) -> None:
+        """One trained tensor per entry of ``shapes`` (one per site, or per prompt set), stored as
+        one stacked Parameter per distinct shape: ``name`` (n, *shape) when all agree (a ViT),
+        else ``name_0``, ``name_1``, ... (Swin's stages). ``init(stacked_shape)`` draws the values."""
+        groups = list(dict.fromkeys(shapes))
+        rows: list[tuple[str, int]] = []
+        for g, shape in enumerate(groups):
+            stacked = name if len(groups) == 1 else f"{name}_{g}"
+            members = [i for i, s in enumerate(shapes) if s == shape]
+            self.register_parameter(stacked, nn.Parameter(init((len(members), *shape))))
+        counts: dict[tuple[int, ...], int] = {}
+        for shape in shapes:
+            stacked = name if len(groups) == 1 else f"{name}_{groups.index(shape)}"
+            rows.append((stacked, counts.get(shape, 0)))
+            counts[shape] = counts.get(shape, 0) + 1
+        self.site_rows[name] = rows
+
+    def site_parameter(self, name: str, index: int) -> Tensor:
+        """Entry ``index`` of the tensors ``add_site_parameters(name, ...)`` made."""
+        stacked, row = self.site_rows[name][index]
+        return getattr(self, stacked)[row]
 
     def prepare_backbone(self, backbone: nn.Module) -> nn.Module:
         """The backbone this method runs on. Prompt methods share the caller's frozen backbone;
@@ -110,3 +138,12 @@ class Method(nn.Module):
     def train(self, mode: bool = True) -> "Method":
         self.kv_cache.clear()
         return super().train(mode)
+
+
+def uniform(bound: float) -> Callable[[tuple[int, ...]], Tensor]:
+    return lambda shape: torch.empty(shape).uniform_(-bound, bound)
+
+
+def kaiming_uniform(fan_in: int) -> Callable[[tuple[int, ...]], Tensor]:
+    """Kaiming-uniform values (bound sqrt(6 / fan_in)), the official E2VPT init."""
+    return uniform(math.sqrt(6.0 / fan_in))

@@ -1,4 +1,4 @@
-"""The baselines the papers compare against (REFERENCE.md section 4).
+"""The baselines the papers compare against (docs/methods.md, "Baselines").
 
 - linear: the head alone on frozen pooled features (linear probe).
 - mlp: an MLP head with ``hidden_layers`` hidden layers of the backbone's width.
@@ -22,7 +22,12 @@ from .base import Method, MethodConfig, register
 
 
 class BackboneTuning(Method):
-    """Trains the backbone tensors that ``is_tuned(name)`` selects, on a private copy."""
+    """Trains the backbone tensors that ``is_tuned(name)`` selects, on a private copy; the
+    model's own classifier (``family.head_prefixes``) never."""
+
+    def __init__(self, family) -> None:
+        super().__init__()
+        self.head_prefixes = family.head_prefixes
 
     def is_tuned(self, name: str) -> bool:
         raise NotImplementedError
@@ -30,7 +35,7 @@ class BackboneTuning(Method):
     def prepare_backbone(self, backbone: nn.Module) -> nn.Module:
         private = copy.deepcopy(backbone)
         for name, param in private.named_parameters():
-            param.requires_grad_(not name.startswith("head.") and self.is_tuned(name))
+            param.requires_grad_(not name.startswith(self.head_prefixes) and self.is_tuned(name))
         return private
 
 
@@ -40,7 +45,7 @@ class LinearConfig(MethodConfig):
     def method_name(self) -> str:
         return "linear"
 
-    def build(self, backbone: nn.Module) -> Method:
+    def build(self, family) -> Method:
         return Method()
 
 
@@ -59,7 +64,7 @@ class MLPConfig(MethodConfig):
     def head_hidden_layers(self) -> int:
         return self.hidden_layers
 
-    def build(self, backbone: nn.Module) -> Method:
+    def build(self, family) -> Method:
         return Method()
 
 
@@ -69,8 +74,8 @@ class FullConfig(MethodConfig):
     def method_name(self) -> str:
         return "full"
 
-    def build(self, backbone: nn.Module) -> Method:
-        return FullFineTuning()
+    def build(self, family) -> Method:
+        return FullFineTuning(family)
 
 
 class FullFineTuning(BackboneTuning):
@@ -84,8 +89,8 @@ class BiasConfig(MethodConfig):
     def method_name(self) -> str:
         return "bias"
 
-    def build(self, backbone: nn.Module) -> Method:
-        return BiasTuning()
+    def build(self, family) -> Method:
+        return BiasTuning(family)
 
 
 class BiasTuning(BackboneTuning):
@@ -105,22 +110,22 @@ class PartialConfig(MethodConfig):
     def method_name(self) -> str:
         return "partial"
 
-    def build(self, backbone: nn.Module) -> Method:
-        depth = len(backbone.blocks)
-        if self.num_blocks > depth:
-            raise ValueError(f"partial: num_blocks={self.num_blocks} but the backbone has {depth} blocks")
-        return PartialTuning(first_block=depth - self.num_blocks)
+    def build(self, family) -> Method:
+        blocks = family.block_prefixes()
+        if self.num_blocks > len(blocks):
+            raise ValueError(f"partial: num_blocks={self.num_blocks} but the backbone has {len(blocks)} blocks")
+        return PartialTuning(family, tuned=tuple(blocks[len(blocks) - self.num_blocks :]) + family.final_prefixes)
 
 
 class PartialTuning(BackboneTuning):
-    def __init__(self, first_block: int) -> None:
-        super().__init__()
-        self.first_block = first_block
+    """The last blocks and what follows them (the final norm), by parameter-name prefix."""
+
+    def __init__(self, family, tuned: tuple[str, ...]) -> None:
+        super().__init__(family)
+        self.tuned = tuned
 
     def is_tuned(self, name: str) -> bool:
-        if name.startswith("blocks."):
-            return int(name.split(".")[1]) >= self.first_block
-        return name.startswith(("norm.", "fc_norm."))
+        return name.startswith(self.tuned)
 
 
 @register("lora")
@@ -141,27 +146,27 @@ class LoRAConfig(MethodConfig):
     def method_name(self) -> str:
         return "lora"
 
-    def build(self, backbone: nn.Module) -> Method:
-        return LoRA(self)
+    def build(self, family) -> Method:
+        return LoRA(self, family.lora_pattern(self.targets))
 
 
 class LoRA(Method):
     """LoRA from peft, injected into a private copy of the backbone's attention projections."""
 
-    def __init__(self, config: LoRAConfig) -> None:
+    def __init__(self, config: LoRAConfig, pattern: str) -> None:
         super().__init__()
         self.config = config
+        self.pattern = pattern  # the family's regex of the adapted projections
 
     def prepare_backbone(self, backbone: nn.Module) -> nn.Module:
         from peft import LoraConfig, inject_adapter_in_model
 
         private = copy.deepcopy(backbone)
-        targets = "|".join(self.config.targets)
         peft_config = LoraConfig(
             r=self.config.rank,
             lora_alpha=self.config.alpha,
             lora_dropout=self.config.dropout,
-            target_modules=rf"blocks\.\d+\.attn\.({targets})",
+            target_modules=self.pattern,
         )
         private = inject_adapter_in_model(peft_config, private)
         for name, param in private.named_parameters():

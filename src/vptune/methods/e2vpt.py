@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Method, MethodConfig, register
+from .base import Method, MethodConfig, kaiming_uniform, register
 from .vpt import VPT, VPTConfig
 
 
@@ -48,22 +48,21 @@ class E2VPTConfig(MethodConfig):
     def method_name(self) -> str:
         return "e2vpt"
 
-    def build(self, backbone: nn.Module) -> "E2VPT":
-        return E2VPT(self, backbone)
+    def build(self, family) -> "E2VPT":
+        return E2VPT(self, family)
 
 
 class E2VPT(Method):
-    def __init__(self, config: E2VPTConfig, backbone: nn.Module) -> None:
+    def __init__(self, config: E2VPTConfig, family) -> None:
         super().__init__()
         self.config = config
-        self.visual = VPT(config.visual_config(), backbone)
+        self.visual = VPT(config.visual_config(), family)
         self.path = config.path
         self.prompt_layers = self.visual.prompt_layers
-        attn = backbone.blocks[0].attn
-        shape = (len(backbone.blocks), attn.num_heads, config.num_kv_prompts, attn.head_dim)
-        bound = math.sqrt(6.0 / (attn.head_dim * config.num_kv_prompts))  # official Kaiming-uniform fan_in
-        self.key_prompts = nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
-        self.value_prompts = None if config.shared_kv else nn.Parameter(torch.empty(shape).uniform_(-bound, bound))
+        # Per site (heads, L_kv, head size): one (L, H, L_kv, Dh) tensor when all sites agree.
+        shapes = [(site.num_heads, config.num_kv_prompts, site.head_dim) for site in family.sites]
+        for name in ("key_prompts",) if config.shared_kv else ("key_prompts", "value_prompts"):
+            self.add_site_parameters(name, shapes, lambda shape: kaiming_uniform(shape[2] * shape[3])(shape))
 
     def prompts(self, index: int, batch: int) -> Tensor | None:
         return self.visual.prompts(index, batch)
@@ -77,5 +76,6 @@ class E2VPT(Method):
         self.kv_cache.clear()
 
     def kv_prompts(self, index: int) -> tuple[Tensor, Tensor]:
-        values = self.key_prompts if self.value_prompts is None else self.value_prompts
-        return self.key_prompts[index][None], values[index][None]  # 1, H, L_kv, Dh each
+        keys = self.site_parameter("key_prompts", index)
+        values = keys if self.config.shared_kv else self.site_parameter("value_prompts", index)
+        return keys[None], values[None]  # 1, H, L_kv, Dh each

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Method, MethodConfig, register
+from .base import Method, MethodConfig, register, uniform
 
 
 @register("vpt-shallow", deep=False)
@@ -65,8 +65,8 @@ class VPTConfig(MethodConfig):
     def method_name(self) -> str:
         return "vpt-deep" if self.deep else "vpt-shallow"
 
-    def build(self, backbone: nn.Module) -> "VPT":
-        return VPT(self, backbone)
+    def build(self, family) -> "VPT":
+        return VPT(self, family)
 
 
 def check_segments(num_prompts: int, segments: int, layout: str, kept: tuple[int, ...] | None) -> None:
@@ -98,60 +98,79 @@ def segment_of_dim(width: int, segments: int, layout: str) -> Tensor:
     return dims * segments // width if layout == "contiguous" else dims % segments
 
 
-def prompt_init_bound(backbone: nn.Module, width: int) -> float:
-    """VPT's Xavier-uniform bound, treating a prompt like a patch-embedding filter."""
-    ph, pw = backbone.patch_embed.patch_size
-    return math.sqrt(6.0 / (backbone.patch_embed.proj.in_channels * ph * pw + width))
+def prompt_init_bound(fan_in: int, width: int) -> float:
+    """VPT's Xavier-uniform bound, treating a prompt like a patch-embedding filter of ``fan_in``
+    inputs (channels x patch area)."""
+    return math.sqrt(6.0 / (fan_in + width))
 
 
 class VPT(Method):
-    def __init__(self, config: VPTConfig, backbone: nn.Module) -> None:
+    def __init__(self, config: VPTConfig, family) -> None:
         super().__init__()
-        depth, dim = len(backbone.blocks), backbone.embed_dim
+        sites = family.sites
+        depth = len(sites)
         layers = config.layers if config.layers is not None else (range(depth) if config.deep else (0,))
         if any(not 0 <= i < depth for i in layers):
-            raise ValueError(f"layers {tuple(layers)} out of range for a backbone with {depth} blocks")
+            raise ValueError(
+                f"layers {tuple(layers)} out of range for a backbone with {depth} blocks (0..{depth - 1}, {family.name} family)"
+            )
         self.config = config
         self.path = config.path
         self.layers = tuple(layers)
         self.set_of_layer = {layer: 0 if config.shared else j for j, layer in enumerate(self.layers)}
-        num_sets = 1 if config.shared else len(self.layers)
+        set_layers = [self.layers] if config.shared else [(layer,) for layer in self.layers]
+        widths = [{config.prompt_dim or sites[i].width for i in group} for group in set_layers]
+        if any(len(w) > 1 for w in widths):
+            raise ValueError(
+                "shared prompts need one width at every prompted block; this backbone's blocks have widths "
+                f"{sorted({sites[i].width for i in self.layers})}: use shared=False or layers of one width"
+            )
+        self.set_widths = [w.pop() for w in widths]
         if config.location == "add":
-            num_tokens = backbone.patch_embed.num_patches + backbone.num_prefix_tokens  # one per position
+            num_tokens = family.num_positions()  # one per position
         else:
             num_tokens = config.num_prompts
             self.prompt_layers = frozenset(self.layers)
-        width = config.prompt_dim or dim
-        bound = prompt_init_bound(backbone, width)
-        self.table_shape = (num_sets, num_tokens, width)
+        one_width = len(set(self.set_widths)) == 1
+        width = self.set_widths[0] if one_width else None
+        self.table_shape = (len(set_layers), num_tokens, width)
         # Flat positions (token * width + dim) of the stored values when only some segments are kept.
         self.kept_positions: Tensor | None = None
-        if config.kept_segments is None:
-            self.prompt_embeddings = nn.Parameter(torch.empty(self.table_shape).uniform_(-bound, bound))
-        else:
-            if config.location != "prepend":
-                raise ValueError("kept_segments applies to prepended prompts only")
+        if config.kept_segments is not None:
+            if config.location != "prepend" or not one_width:
+                raise ValueError("kept_segments applies to prepended prompts of one width only")
+            bound = prompt_init_bound(family.prompt_fan_in, width)
             segment = segment_of_dim(width, config.segments, config.segment_layout)
             kept = torch.tensor(config.kept_segments, dtype=torch.long)
             self.kept_positions = torch.cat([
                 t * width + torch.nonzero(segment == r).flatten()
                 for t, r in zip((kept // config.segments).tolist(), (kept % config.segments).tolist())
             ]) if len(kept) else torch.zeros(0, dtype=torch.long)
-            self.prompt_values = nn.Parameter(torch.empty(num_sets, len(self.kept_positions)).uniform_(-bound, bound))
+            self.prompt_values = nn.Parameter(torch.empty(len(set_layers), len(self.kept_positions)).uniform_(-bound, bound))
+        else:
+            # One stacked table per prompt width: ``prompt_embeddings`` (sets, p, d) when every block
+            # has the same width, else ``prompt_embeddings_0``, ``_1``, ... per width (Swin's stages).
+            self.add_site_parameters(
+                "prompt_embeddings", [(num_tokens, w) for w in self.set_widths],
+                lambda shape: uniform(prompt_init_bound(family.prompt_fan_in, shape[-1]))(shape),
+            )
         self.token_mask: Tensor | None = None
         self.segment_mask: Tensor | None = None
         self.mask_mode = "log"
-        self.mask_dims: Tensor | None = None  # segment of each prompt dimension, for segment_mask
+        self.mask_layout = "contiguous"  # how a segment mask's R segments split each prompt's width
         self.projection = None
         if config.prompt_dim is not None:
-            self.projection = nn.Linear(width, dim)
+            dims = {sites[i].width for i in self.layers}
+            if len(dims) > 1:
+                raise ValueError(f"prompt_dim projects to one width; this backbone's prompted blocks have widths {sorted(dims)}")
+            self.projection = nn.Linear(config.prompt_dim, dims.pop())
             nn.init.kaiming_normal_(self.projection.weight, a=0, mode="fan_out")
         self.dropout = nn.Dropout(config.dropout)
 
     def prompt_table(self, set_index: int) -> Tensor:
         """Prompt set ``set_index`` (p, k), with absent segments rebuilt as zeros."""
         if self.kept_positions is None:
-            return self.prompt_embeddings[set_index]
+            return self.site_parameter("prompt_embeddings", set_index)
         values = self.prompt_values[set_index]
         positions = self.kept_positions.to(values.device)
         return values.new_zeros(self.table_shape[1] * self.table_shape[2]).index_copy(0, positions, values).view(self.table_shape[1:])
@@ -170,13 +189,13 @@ class VPT(Method):
             raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
         if not self.prompt_layers:
             raise ValueError("masks apply to prepended deep prompts (vpt-deep, e2vpt)")
-        p, width = self.table_shape[1], self.table_shape[2]
+        p = self.table_shape[1]
         if token is not None and token.shape[-1] != p:
             raise ValueError(f"token mask has shape {tuple(token.shape)}, expected (p,) or (B, p) with p={p}")
         if segment is not None and (segment.dim() < 2 or segment.shape[-2] != p):
             raise ValueError(f"segment mask has shape {tuple(segment.shape)}, expected (p, R) or (B, p, R) with p={p}")
         self.token_mask, self.segment_mask, self.mask_mode = token, segment, mode
-        self.mask_dims = None if segment is None else segment_of_dim(width, segment.shape[-1], layout).to(segment.device)
+        self.mask_layout = layout
         self.kv_cache.clear()
 
     def prompt_key_bias(self, batch: int) -> Tensor | None:
@@ -189,7 +208,8 @@ class VPT(Method):
         """Block ``index``'s prompts, masked and projected; dropout per sample in training: (B|1, p, d)."""
         prompts = self.prompt_table(self.set_of_layer[index])[None]  # 1, p, k
         if self.segment_mask is not None:
-            prompts = prompts * self.segment_mask[..., self.mask_dims]  # B|1, p, k
+            dims = segment_of_dim(prompts.shape[-1], self.segment_mask.shape[-1], self.mask_layout)
+            prompts = prompts * self.segment_mask[..., dims.to(self.segment_mask.device)]  # B|1, p, k
         if self.token_mask is not None and self.mask_mode == "zero":
             prompts = prompts * self.token_mask[..., None]
         if self.projection is not None:

@@ -114,9 +114,8 @@ def segment_candidates(segments: int) -> list[float]:
 @torch.no_grad()
 def gflops_per_image(model: PromptModel) -> float:
     """Inference GFLOPs for one image, with the prompt key/value cache warm as when serving."""
-    backbone = model.backbone
     device = next(model.parameters()).device
-    image = torch.zeros(1, backbone.patch_embed.proj.in_channels, *backbone.patch_embed.img_size, device=device)
+    image = torch.zeros(1, *model.family.input_size(), device=device)
     was_training = model.training
     model.eval()
     model(image)

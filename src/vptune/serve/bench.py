@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ..backbones.vit import frozen_features
+from ..backbones.family import family_of
 from ..methods import config_for
 from ..model import PromptModel
 from .server import BackgroundServer, ServeConfig, create_app, load_tasks
@@ -86,8 +86,7 @@ def measure_throughput(
     model = MultiTaskModel(backbone, runs).to(device)
     own = {name: PromptModel.from_pretrained(backbone, path).eval().to(device) for name, path in runs.items()}
     names = list(runs)
-    size = backbone.patch_embed.img_size
-    images = torch.randn(batch_size, backbone.patch_embed.proj.in_channels, *size, device=device)
+    images = torch.randn(batch_size, *family_of(backbone).input_size(), device=device)
     mixed_tasks = [names[j % len(names)] for j in range(batch_size)]
     groups = {name: [j for j, t in enumerate(mixed_tasks) if t == name] for name in names}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -97,7 +96,7 @@ def measure_throughput(
             own[name](images[rows])
 
     jobs: dict[str, Callable[[], Any]] = {
-        "backbone": lambda: frozen_features(backbone, images),
+        "backbone": lambda: family_of(backbone).frozen_features(images),
         "mixed": lambda: model(images, mixed_tasks),
         "own_models": run_own,
         **{f"single:{name}": (lambda name=name: model(images, name)) for name in names},
@@ -191,7 +190,7 @@ def load_test(
     every task; stops after ``requests`` or ``deadline_s``, whichever comes first."""
     model, _ = load_tasks(backbone, tasks_dir)
     config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_pending=max(512, 2 * clients))
-    size = tuple(backbone.patch_embed.img_size)
+    size = tuple(family_of(backbone).input_size()[1:])
     with BackgroundServer(create_app(model, config), host="127.0.0.1") as server:
         return asyncio.run(_load(server.url, model.task_names, requests, clients, size, timeout_s, deadline_s))
 

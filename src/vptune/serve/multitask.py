@@ -21,7 +21,8 @@ can serve a batch in which every image belongs to another task:
 Why not ``run_blocks``: it carries one prompt slot per batch and decides once per block
 whether the slot goes through the block or only gives keys/values, with one key bias per
 forward. A mixed batch needs those decisions per sample, so this module walks the blocks
-with the same parts (``block_forward``, ``prompt_keys_values``, the methods' own hooks);
+with the same parts (the family's ``block_forward`` and ``prompt_keys_values``, the methods'
+own hooks);
 the tests hold every task's rows to its own ``PromptModel`` output.
 
 Methods that tune backbone weights (full, partial, BitFit, LoRA) change what every layer
@@ -42,8 +43,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..attention import block_forward, prompt_keys_values
-from ..backbones.vit import check_backbone, embed, pooled_features, pooled_outputs
+from ..backbones.family import SequenceFamily, family_of
 from ..model import PromptModel, read_run_config
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -127,7 +127,10 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, runs: Mapping[str, str | os.PathLike] | None = None) -> None:
         super().__init__()
-        check_backbone(backbone)
+        family = family_of(backbone)
+        if not isinstance(family, SequenceFamily):
+            raise TypeError(f"mixed-task serving walks token-sequence families (ViT, Eva, BEiT); {family.name} is not one")
+        self.family = family
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
         self.tasks = nn.ModuleDict()
@@ -190,7 +193,7 @@ class MultiTaskModel(nn.Module):
             return sorted(self._info)
 
     def _describe(self, name: str, run_dir: Path | None, model: PromptModel) -> Task:
-        method, depth = model.method, len(self.backbone.blocks)
+        method, depth = model.method, len(self.family.sites)
         layers = frozenset(method.prompt_layers)
         num_prompts, key_bias = 0, None
         with torch.no_grad():
@@ -220,13 +223,12 @@ class MultiTaskModel(nn.Module):
         bank = self._banks.get(key)
         if bank is not None:
             return bank
-        method, blocks = task.model.method, self.backbone.blocks
-        attn = blocks[0].attn
+        method, sites = task.model.method, self.family.sites
         parts: list[tuple[Tensor, Tensor, Tensor] | None] = []
-        for i, block in enumerate(blocks):
+        for i in range(len(sites)):
             ks, vs, bs = [], [], []
             if task.plan[i] == "kv" and i in method.prompt_layers:
-                k, v = prompt_keys_values(block, method.prompts(i, 1))  # 1, H, p, Dh
+                k, v = self.family.prompt_keys_values(i, method.prompts(i, 1))  # 1, H, p, Dh
                 ks.append(k[0]), vs.append(v[0])
                 bs.append(k.new_zeros(task.num_prompts) if task.key_bias is None else task.key_bias.to(k))
             kv = method.kv_prompts(i)
@@ -236,8 +238,8 @@ class MultiTaskModel(nn.Module):
             parts.append((torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(bs)) if ks else None)
         count = [0 if part is None else part[2].numel() for part in parts]
         width = max(count)
-        keys = like.new_zeros(len(blocks), attn.num_heads, width, attn.head_dim)
-        values, bias = torch.zeros_like(keys), like.new_full((len(blocks), width), float("-inf"))
+        keys = like.new_zeros(len(sites), sites[0].num_heads, width, sites[0].head_dim)
+        values, bias = torch.zeros_like(keys), like.new_full((len(sites), width), float("-inf"))
         for i, part in enumerate(parts):
             if part is not None:
                 keys[i, :, : count[i]], values[i, :, : count[i]], bias[i, : count[i]] = part
@@ -262,14 +264,15 @@ class MultiTaskModel(nn.Module):
             spans = [slice(end - sizes[j], end) for j, end in enumerate(ends)]
             if order != sorted(order):
                 images = images[torch.tensor(order, device=images.device)]
-            features = pooled_features(self.backbone, self._walk(embed(self.backbone, images), info, spans))
+            x, aux = self.family.embed(images)
+            features = self.family.pooled_features(self._walk(x, aux, info, spans))
             out: list[Tensor | None] = [None] * len(tasks)
             for task, span in zip(info, spans):
                 for j, row in zip(order[span], task.model.head(features[span])):
                     out[j] = row
             return out  # type: ignore[return-value]
 
-    def _walk(self, x: Tensor, info: list[Task], spans: list[slice]) -> Tensor:
+    def _walk(self, x: Tensor, aux, info: list[Task], spans: list[slice]) -> Tensor:
         """The blocks over the task-sorted batch, in up to three row groups: tasks whose prompt
         tokens go through blocks, tasks with extra keys/values only, and the rest. Each group is
         one ``block_forward`` per block, so no row pays for another group's tokens or keys."""
@@ -281,14 +284,14 @@ class MultiTaskModel(nn.Module):
                 rows = slice(spans[members[0]].start, spans[members[-1]].stop)
                 groups.append((rows, members, _stack([banks[j] for j in members], [spans[j] for j in members])))
         slot: Tensor | None = None  # prompt tokens (rows of group 0, P, d) carried out of the last block
-        depth, pooled = len(self.backbone.blocks), pooled_outputs(self.backbone)
-        for i, block in enumerate(self.backbone.blocks):
+        depth, pooled = len(self.family.sites), self.family.pooled_outputs()
+        for i in range(depth):
             x = _offsets(i, x, info, spans)
             outputs = []
             for rows, members, stack in groups:
                 local = [slice(spans[j].start - rows.start, spans[j].stop - rows.start) for j in members]
                 out, carried = self._block(
-                    i, block, x[rows], [info[j] for j in members], local, [banks[j] for j in members],
+                    i, aux, x[rows], [info[j] for j in members], local, [banks[j] for j in members],
                     stack, slot if info[members[0]].group == 0 else None, pooled if i + 1 == depth else None,
                 )
                 if info[members[0]].group == 0:
@@ -298,7 +301,7 @@ class MultiTaskModel(nn.Module):
         return x
 
     def _block(
-        self, i: int, block: nn.Module, x: Tensor, info: list[Task], spans: list[slice], banks: list[_Bank],
+        self, i: int, aux, x: Tensor, info: list[Task], spans: list[slice], banks: list[_Bank],
         stack: tuple | None, slot: Tensor | None, queries: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Block ``i`` over rows ``x`` (n, N, d) of the tasks ``info`` (rows ``spans``): per-sample
@@ -306,7 +309,7 @@ class MultiTaskModel(nn.Module):
         only the first tokens' outputs are computed (the last block under token pooling, where
         no prompt token goes through the block)."""
         n, N, d = x.shape
-        prefix = self.backbone.num_prefix_tokens
+        prefix = self.family.num_prefix_tokens
         needs_mask = False
         # Prompt tokens that go through this block: fresh ones, or those carried from the last.
         tokens = token_bias = None
@@ -332,12 +335,12 @@ class MultiTaskModel(nn.Module):
             needs_mask |= any(bank.masked or bank.count[i] < used for bank in banks)
         late = [(task, span) for task, span in zip(info, spans) if task.plan[i] == "kv" and i not in task.model.method.prompt_layers]
         if late:
-            attn, width = block.attn, max(task.num_prompts for task, _ in late)
-            late_k = x.new_zeros(n, attn.num_heads, width, attn.head_dim)
+            site, width = self.family.sites[i], max(task.num_prompts for task, _ in late)
+            late_k = x.new_zeros(n, site.num_heads, width, site.head_dim)
             late_v, late_bias = torch.zeros_like(late_k), x.new_full((n, width), float("-inf"))
             for task, span in late:
                 p = task.num_prompts
-                k, v = prompt_keys_values(block, slot[span, :p])  # m, H, p, Dh: these depend on the image
+                k, v = self.family.prompt_keys_values(i, slot[span, :p])  # m, H, p, Dh: these depend on the image
                 late_k[span, :, :p], late_v[span, :, :p] = k.to(x.dtype), v.to(x.dtype)
                 late_bias[span, :p] = 0.0 if task.key_bias is None else task.key_bias
                 needs_mask |= p < width or task.key_bias is not None
@@ -356,7 +359,8 @@ class MultiTaskModel(nn.Module):
             parts = [x.new_zeros(rows, prefix), *([] if tokens is None else [token_bias]), x.new_zeros(rows, N - prefix)]
             parts += [part.to(x.dtype).expand(rows, -1) for part in biases]
             bias = torch.cat(parts, dim=1)[:, None, None, :]  # n|1, 1, 1, N+P+M
-        seq = block_forward(block, seq, k, v, bias, _attention_hook(i, info, spans), queries)
+        hook = _attention_hook(i, info, spans)
+        seq = self.family.block_forward(i, seq, aux, k, v, bias, hook, queries, 0 if tokens is None else tokens.shape[1])
         if tokens is None:
             return seq, None
         p = tokens.shape[1]

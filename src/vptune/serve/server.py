@@ -133,7 +133,7 @@ def create_app(model: MultiTaskModel, config: ServeConfig | None = None) -> Fast
         max_batch=config.max_batch, max_wait_ms=config.max_wait_ms, max_pending=config.max_pending,
     )
     preprocessing = backbone_data_config(model.backbone)
-    channels = model.backbone.patch_embed.proj.in_channels
+    channels = model.family.input_size()[0]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

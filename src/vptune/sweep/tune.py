@@ -24,7 +24,7 @@ from ray.tune import Callback
 from rich.console import Console
 
 from ..backbones import load_backbone
-from ..backbones.vit import weights_fingerprint
+from ..backbones.family import family_of
 from ..train import TrainConfig
 from ..train.checkpoint import CHECKPOINT_FILE
 from .protocol import METRICS_FILE, STOPPED_FILE, Outcome, Run, SweepConfig, first_line, read_outcome, write_json
@@ -96,7 +96,7 @@ def check_settings(config: SweepConfig) -> None:
     settings = {
         "backbone": config.backbone,
         "weights": config.weights,
-        "backbone_weights": weights_fingerprint(backbone),
+        "backbone_weights": family_of(backbone).fingerprint(),
         "pretrained": config.pretrained,
         "method": config.method,
         "method_options": config.method_options,

@@ -245,7 +245,7 @@ def check_run_folder(model: PromptModel, out_dir: Path) -> None:
     if not (out_dir / CONFIG_FILE).is_file():
         return
     run = read_run_config(out_dir)
-    check_compatible(run, model.backbone, out_dir)
+    check_compatible(run, model.family, out_dir)
     check_backbone_weights(run, model.backbone_fingerprint, out_dir)
     saved, here = run["method_config"], model.config.to_dict()
     if saved != here or run["num_classes"] != model.num_classes:

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..backbones import BUNDLED_BACKBONE, load_backbone
-from ..backbones.vit import weights_fingerprint
+from ..backbones.family import family_of
 from ..data.transforms import backbone_data_config, eval_transform
 from ..flops import extra_flops
 from ..methods import config_for
@@ -63,7 +63,7 @@ def train_run(
     torch.manual_seed(cfg.seed)  # a timm backbone without weights is random: make it the same on --resume
     net = load_backbone(backbone, weights=weights, pretrained=pretrained)
     if resume and (out / METRICS_FILE).is_file() and not (out / CHECKPOINT_FILE).is_file():
-        check_backbone_weights(read_run_config(out), weights_fingerprint(net), out)
+        check_backbone_weights(read_run_config(out), family_of(net).fingerprint(), out)
         return json.loads((out / METRICS_FILE).read_text())
     data_config = backbone_data_config(net)
     bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images)
