@@ -204,12 +204,32 @@ def test_prompt_dropout_is_per_sample_and_identical_on_both_paths(config):
     torch.manual_seed(3)
     tokens_logits = tokens_model(images)
     torch.testing.assert_close(kv_logits, tokens_logits, atol=1e-5, rtol=0)
-    # One mask per sample: identical images get different logits in training, equal ones in eval.
+    # One mask per sample: identical images in ONE batch get different logits in training (a mask
+    # shared by the batch would give every row the same), equal ones in eval.
     same = images[:1].expand(4, -1, -1, -1)
-    assert (kv_model(same) - kv_model(same)[0]).abs().amax(dim=1).gt(1e-6).any()
+    out = kv_model(same)
+    assert (out[1:] - out[0]).abs().amax(dim=1).gt(1e-4).all()
     with torch.no_grad():
         out = kv_model.eval()(same)
     torch.testing.assert_close(out, out[:1].expand_as(out), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("config", [vptune.E2VPTConfig(num_prompts=6, dropout=0.5), vptune.VPTConfig(num_prompts=6, dropout=0.5)])
+def test_prompt_dropout_draws_a_mask_per_sample(config):
+    """The prompts a block receives in training: (B, p, d), each sample zeroing its own elements
+    at the configured rate and scaling the rest by 1 / (1 - rate); untouched in eval."""
+    model = randomize_(vptune.prompt_model(tiny_vit("cls-token"), config, NUM_CLASSES)).train()
+    method = model.method.visual if hasattr(model.method, "visual") else model.method
+    batch = 64
+    torch.manual_seed(0)
+    prompts = method.prompts(0, batch)
+    clean = method.eval().prompts(0, batch)
+    assert prompts.shape == (batch, *clean.shape[1:]) and clean.shape[0] == 1
+    kept = prompts != 0
+    torch.testing.assert_close(prompts[kept], (clean.expand_as(prompts) / 0.5)[kept])
+    assert abs(kept.float().mean().item() - 0.5) < 0.02
+    masks = kept.flatten(1)
+    assert all(not torch.equal(masks[0], masks[j]) for j in range(1, batch)), "samples share a dropout mask"
 
 
 @pytest.mark.parametrize("config", [vptune.VPTConfig(num_prompts=4), vptune.E2VPTConfig(num_prompts=3, dropout=0.0)])
@@ -312,11 +332,10 @@ def test_cache_invalidated_when_prompts_change(change):
     elif change == "no_grad_add":
         with torch.no_grad():
             prompts.add_(noise)
-    elif change == "optimizer_step":
+    elif change == "optimizer_step":  # in eval mode throughout: no .train()/.eval(), which clear the cache
         optimizer = torch.optim.SGD(model.tuned_parameters().values(), lr=5.0)
-        logits_and_grads(model, images, train=False)
+        F.cross_entropy(model(images), torch.arange(images.shape[0]) % NUM_CLASSES).backward()
         optimizer.step()
-        model.eval()
     elif change == "load_tuned_state_dict":
         state = {k: v.clone() for k, v in model.tuned_state_dict().items()}
         state["method.prompt_embeddings"] += noise
@@ -329,6 +348,8 @@ def test_cache_invalidated_when_prompts_change(change):
         model.method.prompt_embeddings = torch.nn.Parameter(prompts.detach() + noise)
     elif change == "projection_only":
         model.method.projection.weight.data.add_(torch.randn(model.method.projection.weight.shape))
+    if change != "load_tuned_state_dict":  # which clears the cache itself
+        assert model.method.kv_cache, "the cache was emptied: its own validity rule would go untested"
     with torch.no_grad():
         after = model(images)
     expected = uncached_logits(model, images)
