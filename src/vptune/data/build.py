@@ -43,6 +43,9 @@ def build_data(spec: str, data_config: dict, *, final: bool = False, skip_bad_im
                         f"(mini tasks: {', '.join(mini.MINI_TASKS)})")
     if kind == "mini":
         return _mini(argument, spec, data_config, final)
+    if kind in ("minivl", "vqav2", "nlvr2", "f30k"):
+        raise DataError(f"{spec} is vision-language data (images with text): read it with "
+                        "vptune.data.build_vl_data(spec, data_config, tokenizer)")
     readers = {"imagefolder": sources.imagefolder, "vtab1k": sources.vtab1k, "fgvc": sources.fgvc}
     if kind not in readers:
         raise DataError(f"unknown data source {kind!r} in {spec!r}; expected {SPEC_FORMS}")

@@ -59,7 +59,7 @@ class MiniArrays:
 _GRID = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right")
 _ZOOMS = (32, 64, 128)  # photo crop sides resized to 32 px
 _PHOTOS = ("china", "flower")
-_SCALES = {"tiny": (6, 9), "small": (11, 14), "medium": (17, 20), "large": (24, 28)}  # object side in px
+SCALES = {"tiny": (6, 9), "small": (11, 14), "medium": (17, 20), "large": (24, 28)}  # object side in px
 
 MINI_TASKS: dict[str, MiniTask] = {task.name: task for task in (
     MiniTask("digits", "natural", tuple(str(d) for d in range(10)),
@@ -72,7 +72,7 @@ MINI_TASKS: dict[str, MiniTask] = {task.name: task for task in (
              "one clothing item rotated counter-clockwise by a multiple of 90 degrees: by how much (4 classes)"),
     MiniTask("count", "structured", ("1", "2", "3", "4"),
              "1 to 4 small clothing items at distinct places: how many (4 classes)"),
-    MiniTask("scale", "structured", tuple(_SCALES),
+    MiniTask("scale", "structured", tuple(SCALES),
              "one clothing item at a random place: its size class, a proxy for distance (4 classes)"),
 )}
 
@@ -85,8 +85,9 @@ def _balanced_labels(n: int, num_classes: int, rng: np.random.Generator) -> np.n
     return rng.permutation(np.arange(n) % num_classes).astype(np.int64)
 
 
-def _object(image: np.ndarray, side: int) -> np.ndarray:
-    """A Fashion-MNIST item cropped to its bounding box, resized so its longer side is ``side``."""
+def crop_item(image: np.ndarray, side: int) -> np.ndarray:
+    """A Fashion-MNIST item cropped to its bounding box, resized so its longer side is ``side``
+    (shared with the captioned canvases of ``scenes.py``)."""
     rows, cols = np.nonzero(image > 20)
     crop = image[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     h, w = crop.shape
@@ -95,10 +96,11 @@ def _object(image: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(crop).resize(size, Image.BILINEAR))
 
 
-def _paste(canvas: np.ndarray, item: np.ndarray, center_row: float, center_col: float) -> None:
+def paste(canvas: np.ndarray, item: np.ndarray, center_row: float, center_col: float) -> None:
+    """Draw ``item`` (brightest pixel wins) centred near the given point, kept inside the canvas."""
     h, w = item.shape
-    top = int(np.clip(round(center_row - h / 2), 0, SIZE - h))
-    left = int(np.clip(round(center_col - w / 2), 0, SIZE - w))
+    top = int(np.clip(round(center_row - h / 2), 0, canvas.shape[0] - h))
+    left = int(np.clip(round(center_col - w / 2), 0, canvas.shape[1] - w))
     region = canvas[top:top + h, left:left + w]
     np.maximum(region, item, out=region)
 
@@ -116,18 +118,18 @@ def _compose(objects: np.ndarray, n: int, rng: np.random.Generator, task: str) -
     for canvas, label in zip(canvases, labels):
         pick = lambda: objects[rng.integers(len(objects))]  # noqa: E731
         if task == "location":
-            _paste(canvas, _object(pick(), 10), *_cell_center(int(label), rng))
+            paste(canvas, crop_item(pick(), 10), *_cell_center(int(label), rng))
         elif task == "orientation":
-            item = np.rot90(_object(pick(), int(rng.integers(20, 27))), k=int(label))
-            _paste(canvas, np.ascontiguousarray(item), SIZE / 2 + rng.uniform(-2, 2), SIZE / 2 + rng.uniform(-2, 2))
+            item = np.rot90(crop_item(pick(), int(rng.integers(20, 27))), k=int(label))
+            paste(canvas, np.ascontiguousarray(item), SIZE / 2 + rng.uniform(-2, 2), SIZE / 2 + rng.uniform(-2, 2))
         elif task == "count":
             for cell in rng.choice(9, size=int(label) + 1, replace=False):
-                _paste(canvas, _object(pick(), int(rng.integers(9, 12))), *_cell_center(int(cell), rng))
+                paste(canvas, crop_item(pick(), int(rng.integers(9, 12))), *_cell_center(int(cell), rng))
         elif task == "scale":
-            low, high = list(_SCALES.values())[label]
-            item = _object(pick(), int(rng.integers(low, high + 1)))
+            low, high = list(SCALES.values())[label]
+            item = crop_item(pick(), int(rng.integers(low, high + 1)))
             h, w = item.shape
-            _paste(canvas, item, rng.uniform(h / 2, SIZE - h / 2), rng.uniform(w / 2, SIZE - w / 2))
+            paste(canvas, item, rng.uniform(h / 2, SIZE - h / 2), rng.uniform(w / 2, SIZE - w / 2))
     return _gray_to_rgb(canvases), labels
 
 
