@@ -138,14 +138,14 @@ class RetrievalData(Dataset):
         self.images, self.transform, self.negatives = images, transform, negatives
         self.text_image = torch.as_tensor(text_image, dtype=torch.long)
         self.input_ids, self.attention_mask = input_ids, attention_mask
-        if len(images) < 2 and negatives:
-            raise DataError("retrieval needs at least two images to draw negatives from")
 
     def __len__(self) -> int:
         return len(self.text_image)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         positive = int(self.text_image[i])
+        if self.negatives and len(self.images) < 2:
+            raise DataError("retrieval training needs at least two images to draw negatives from")
         # other images: uniform over all but the positive
         others = torch.randint(len(self.images) - 1, (self.negatives,)).tolist()
         chosen = [positive] + [o + (o >= positive) for o in others]
