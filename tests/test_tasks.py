@@ -8,16 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from honest import honest_
 from vptune.tasks import TASKS, ClassificationTask, NLVRTask, RetrievalTask, VQATask, retrieval_recalls, vqa_score
-
-
-def scramble_(module, seed=0):
-    """Non-trivial values for every parameter (LayerNorms away from 1/0, biases non-zero)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.5 + 0.1)
-    return module
 
 
 def test_classification_loss_and_metrics_literally():
@@ -41,7 +33,7 @@ def test_vqa_head_is_vilts_classifier():
     assert [type(m) for m in head] == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Linear]
     assert (head[0].in_features, head[0].out_features, head[3].out_features) == (8, 16, 5)
     assert head[0].bias.abs().max() == 0 and 0.01 < head[0].weight.std() < 0.03  # ViLT's init
-    scramble_(head)
+    honest_(head)
     x = torch.randn(3, 8)
     hidden = F.gelu(F.layer_norm(x @ head[0].weight.T + head[0].bias, (16,), head[1].weight, head[1].bias))
     assert torch.allclose(head(x), hidden @ head[3].weight.T + head[3].bias, atol=1e-5)
@@ -64,7 +56,7 @@ def test_vqa_loss_and_score_literally():
 
 def test_nlvr_head_concatenates_the_two_pooled_features():
     task = NLVRTask()
-    head = scramble_(task.head(6), seed=1)
+    head = honest_(task.head(6), seed=1)
     classifier = head.classifier
     assert [type(m) for m in classifier] == [nn.Linear, nn.LayerNorm, nn.GELU, nn.Linear]
     assert (classifier[0].in_features, classifier[0].out_features, classifier[3].out_features) == (12, 12, 2)
@@ -112,7 +104,7 @@ def test_retrieval_task_keys_loss_and_itm_head():
     assert torch.allclose(task.loss(pair_scores, {}), expected)
     head = task.head(5)
     assert head.out_features == 1 and head.in_features == 5
-    itm = scramble_(nn.Linear(5, 2), seed=2)
+    itm = honest_(nn.Linear(5, 2), seed=2)
     ranked = RetrievalTask.head_from_itm(itm)
     x = torch.randn(3, 5)
     assert torch.allclose(ranked(x), itm(x)[:, 1:])
