@@ -1,7 +1,9 @@
 """The HTTP server through a real uvicorn on 127.0.0.1: endpoints, every bad input, batching."""
 
 import asyncio
+import contextlib
 import io
+import itertools
 
 import httpx
 import numpy as np
@@ -66,7 +68,7 @@ def test_health_tasks_and_docs(served):
         assert sorted(tasks) == ["apt", "deep", "e2vpt"]
         assert tasks["apt"]["method"] == "apt" and tasks["apt"]["labels"] == ["apt-0", "apt-1", "apt-2"]
         assert "/v1/tasks/{task}/predict" in client.get("/openapi.json").json()["paths"]
-        assert client.get("/docs").status_code == 200
+        assert client.get("/docs").status_code == 404  # off by default: its page loads scripts from a public CDN
 
 
 def test_predict_matches_the_tasks_own_model(served, tasks_dir):
@@ -170,3 +172,282 @@ def test_bench_serve_command(tmp_path):
     assert (load["requests"], load["ok"], load["errors"]) == (24, 24, 0)
     assert load["p50_ms"] <= load["p99_ms"]
     assert "HTTP load test on 127.0.0.1" in result.output
+
+
+# --- several images per request ---------------------------------------------------------------
+
+
+def test_several_images_one_result_each_and_bad_ones_reported_alone(served):
+    server, _, _ = served
+    files = [("file", ("a.png", png(3), "image/png")), ("file", ("b.png", png(4)[:60], "image/png")),
+             ("file", ("c.txt", b"not an image", "text/plain")), ("file", ("d.png", png(5), "image/png"))]
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+        response = client.post("/v1/tasks/deep/predict", params={"k": 2}, files=files)
+        assert response.status_code == 200, response.text
+        results = response.json()["results"]
+        assert [r["file"] for r in results] == ["a.png", "b.png", "c.txt", "d.png"]
+        assert [r.get("status") for r in results] == [None, 400, 400, None]
+        assert "corrupt or truncated" in results[1]["error"] and "does not recognise" in results[2]["error"]
+        for j, seed in ((0, 3), (3, 5)):  # each good image gets what it gets alone
+            alone = client.post("/v1/tasks/deep/predict", params={"k": 2}, files={"file": ("x.png", png(seed), "image/png")}).json()
+            assert [p["index"] for p in results[j]["predictions"]] == [p["index"] for p in alone["predictions"]]
+            np.testing.assert_allclose(
+                [p["probability"] for p in results[j]["predictions"]], [p["probability"] for p in alone["predictions"]], atol=1e-5
+            )
+            assert alone["results"] == [{"file": "x.png", "predictions": alone["predictions"]}]
+
+
+def test_too_many_images_in_one_request_is_413(tasks_dir):
+    model, _ = load_tasks(tiny_vit(), tasks_dir)
+    with BackgroundServer(create_app(model, ServeConfig(max_images=2))) as server:
+        files = [("file", (f"{j}.png", png(j), "image/png")) for j in range(3)]
+        response = httpx.post(f"{server.url}/v1/tasks/deep/predict", files=files, timeout=TIMEOUT)
+        assert response.status_code == 413 and "3 images in one request, over the limit of 2" in response.json()["detail"]
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def _samples(text: str) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+
+
+def test_metrics_count_requests_batches_and_tasks(tasks_dir):
+    model, _ = load_tasks(tiny_vit(), tasks_dir)
+    with BackgroundServer(create_app(model, ServeConfig(max_batch=8, max_wait_ms=200))) as server:
+        asyncio.run(_post_many(server.url, ["deep", "apt", "deep", "e2vpt", "deep"]))
+        httpx.post(f"{server.url}/v1/tasks/nope/predict", files={"file": ("x.png", png(), "image/png")}, timeout=TIMEOUT)
+        httpx.post(f"{server.url}/v1/tasks/apt/predict", files={"file": ("x.png", b"junk", "image/png")}, timeout=TIMEOUT)
+        health = httpx.get(f"{server.url}/health", timeout=TIMEOUT).json()
+        response = httpx.get(f"{server.url}/metrics", timeout=TIMEOUT)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = _samples(response.text)
+
+    def value(name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert value("vptune_requests_total", endpoint="predict", task="deep", status="200") == 3
+    assert value("vptune_requests_total", endpoint="predict", task="apt", status="200") == 1
+    assert value("vptune_requests_total", endpoint="predict", task="apt", status="400") == 1
+    assert value("vptune_requests_total", endpoint="predict", task="", status="404") == 1  # unknown names are not labels
+    assert value("vptune_images_total", task="apt", outcome="400") == 1
+    assert value("vptune_request_latency_seconds_count", endpoint="predict") == 7
+    assert value("vptune_batch_size_count") == health["batches"] and value("vptune_batch_size_sum") == health["requests"] == 5
+    assert value("vptune_batch_size_bucket", le="1.0") < health["batches"] or health["largest_batch"] == 1
+    assert value("vptune_tasks_loaded") == 3
+    assert value("vptune_queue_depth") == 0 and value("vptune_batch_queue") == 0
+    assert ("vptune_decoding", (("lane", "large"),)) in samples
+
+
+# --- access control ---------------------------------------------------------------------------
+
+KEY_ALL, KEY_DEEP = "all-tasks-key-0123456789", "deep-and-apt-key-abcdefgh"
+
+
+def test_api_keys_401_403_200_and_health_open(tasks_dir, tmp_path, caplog):
+    from vptune.serve.security import read_api_keys
+
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"# who may use what\n{KEY_ALL}\n\n{KEY_DEEP} deep, apt\n")
+    keys = read_api_keys(key_file)
+    assert KEY_ALL not in repr(keys) and len(keys.entries) == 2
+    model, _ = load_tasks(tiny_vit(), tasks_dir)
+    image = {"file": ("x.png", png(), "image/png")}
+    with BackgroundServer(create_app(model, ServeConfig(), api_keys=keys)) as server, \
+            httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+        assert client.get("/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789"}, {"Authorization": f"Basic {KEY_ALL}"},
+                        {"Authorization": f"Bearer {KEY_ALL}x"}, {"Authorization": "Bearer"}):
+            for method, url in (("POST", "/v1/tasks/deep/predict"), ("GET", "/v1/tasks"), ("GET", "/metrics")):
+                response = client.request(method, url, headers=headers, files=image if method == "POST" else None)
+                assert response.status_code == 401, (headers, url)
+                assert response.headers["www-authenticate"] == "Bearer" and "Authorization: Bearer KEY" in response.json()["detail"]
+        everything, scoped = {"Authorization": f"Bearer {KEY_ALL}"}, {"Authorization": f"bearer {KEY_DEEP}"}
+        assert client.post("/v1/tasks/e2vpt/predict", headers=everything, files=image).status_code == 200
+        assert client.post("/v1/tasks/deep/predict", headers=scoped, files=image).status_code == 200
+        refused = client.post("/v1/tasks/e2vpt/predict", headers=scoped, files=image)
+        assert refused.status_code == 403 and "may not use this task" in refused.json()["detail"]
+        assert client.post("/v1/tasks/nope/predict", headers=scoped, files=image).status_code == 403  # existence not told
+        assert [t["name"] for t in client.get("/v1/tasks", headers=scoped).json()["tasks"]] == ["apt", "deep"]
+        assert [t["name"] for t in client.get("/v1/tasks", headers=everything).json()["tasks"]] == ["apt", "deep", "e2vpt"]
+        assert client.get("/metrics", headers=scoped).status_code == 200
+    assert KEY_ALL not in caplog.text and KEY_DEEP not in caplog.text
+
+
+def test_every_stored_key_is_compared_in_constant_time(monkeypatch):
+    from vptune.serve import security
+
+    keys = security.ApiKeys(tuple((security._digest(k), None) for k in ("a" * 16, "b" * 16, "c" * 16)))
+    calls = []
+    real = security.hmac.compare_digest
+    monkeypatch.setattr(security.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    assert keys.scope_of(b"a" * 16) == (True, None)  # the first matches, the other two are still compared
+    assert keys.scope_of(b"z") == (False, None) and keys.scope_of(None) == (False, None)
+    assert len(calls) == 9
+
+
+@pytest.mark.parametrize("text, message", [
+    ("short\n", "at least 16 printable characters"),
+    ("a-long-enough-key-123 bad.task\n", "'bad.task' is not a task name"),
+    ("a-long-enough-key-123\n# again\na-long-enough-key-123 deep\n", "line 3: the same key as line 1"),
+    ("# nothing\n\n", "holds no key"),
+])
+def test_api_key_file_errors_name_the_line_never_the_key(tmp_path, text, message):
+    from vptune.serve.security import read_api_keys
+
+    path = tmp_path / "keys"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as error:
+        read_api_keys(path)
+    assert "a-long-enough-key-123" not in str(error.value) and "short" not in str(error.value).split(":")[-1]
+
+
+# --- exposure: Host header, docs, image sizes, slow clients -------------------------------------
+
+
+def test_host_header_must_be_allowed(tasks_dir):
+    from vptune.serve.security import default_allowed_hosts, host_name
+
+    assert [host_name(h) for h in ("[::1]:8000", "Example.COM:80", "localhost", "::1")] == ["::1", "example.com", "localhost", "::1"]
+    assert default_allowed_hosts("10.0.0.5") == ("localhost", "127.0.0.1", "::1", "10.0.0.5")
+    assert default_allowed_hosts("0.0.0.0") == ("localhost", "127.0.0.1", "::1")
+    model, _ = load_tasks(tiny_vit(), tasks_dir)
+    with BackgroundServer(create_app(model, ServeConfig(allowed_hosts=(*default_allowed_hosts(), ".example.org")))) as server, \
+            httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+        for host in ("evil.com", "127.0.0.1.evil.com", "example.org", "localhost.", ""):
+            response = client.get("/v1/tasks", headers={"Host": host})
+            assert response.status_code == 400 and "--allowed-hosts" in response.json()["detail"], host
+        for host in ("localhost", "127.0.0.1:9", "[::1]:8000", "api.example.org"):
+            assert client.get("/v1/tasks", headers={"Host": host}).status_code == 200, host
+    with BackgroundServer(create_app(model, ServeConfig(allowed_hosts=("*",)))) as server:
+        assert httpx.get(f"{server.url}/health", headers={"Host": "anything.test"}, timeout=TIMEOUT).status_code == 200
+
+
+def test_docs_page_only_when_asked(tasks_dir):
+    model, _ = load_tasks(tiny_vit(), tasks_dir)
+    with BackgroundServer(create_app(model, ServeConfig(docs=True))) as server:
+        assert httpx.get(f"{server.url}/docs", timeout=TIMEOUT).status_code == 200
+
+
+def big_png(width: int, height: int) -> bytes:
+    """A flat image: many pixels, a small file (a decompression-heavy upload)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 150)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_huge_images_are_refused_from_their_header_and_large_ones_decoded_one_at_a_time(tasks_dir):
+    model, _ = load_tasks(tiny_vit(), tasks_dir)
+    huge = big_png(6000, 6000)  # 36 megapixels in about 100 KB
+    assert len(huge) < 200_000
+    with BackgroundServer(create_app(model, ServeConfig())) as server:  # the default limit is far below 36 MP
+        response = httpx.post(f"{server.url}/v1/tasks/deep/predict", files={"file": ("x.png", huge, "image/png")}, timeout=TIMEOUT)
+        assert response.status_code == 413 and "6000x6000 pixels, over the limit of 12000000" in response.json()["detail"]
+        assert server.server.config.app.state.decoder.most_busy == {"small": 0, "large": 0}  # never decoded
+    config = ServeConfig(max_image_pixels=5_000_000, large_image_pixels=1_000_000, large_decodes=1, decode_threads=2)
+    app = create_app(model, config)
+    large = big_png(2000, 2000)
+
+    async def mixed(url):
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+            def post(data):
+                return client.post("/v1/tasks/deep/predict", files={"file": ("x.png", data, "image/png")})
+            return await asyncio.gather(*[post(large) for _ in range(3)], *[post(png(j)) for j in range(4)])
+
+    with BackgroundServer(app) as server:
+        responses = asyncio.run(mixed(server.url))
+    assert [r.status_code for r in responses] == [200] * 7
+    assert app.state.decoder.most_busy["large"] == 1  # three large uploads, never two decoded at once
+    assert app.state.decoder.most_busy["small"] >= 1
+
+
+def _raw(server, chunks, pause_s: float, limit: int = 40) -> tuple[bytes, int]:
+    """Send ``chunks`` one by one with a pause; returns what the server answered and how many
+    chunks it took before it closed the connection (at most ``limit``)."""
+    import socket
+
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        sent = 0
+        for chunk in itertools.islice(chunks, limit):
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+            sock.settimeout(pause_s)
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                return b"", sent
+            if not data:
+                return b"", sent
+            answer = data
+            sock.settimeout(5)
+            with contextlib.suppress(TimeoutError, ConnectionResetError):
+                while more := sock.recv(65536):
+                    answer += more
+            return answer, sent
+        return b"", sent
+
+
+def test_slow_headers_and_slow_bodies_are_cut(tasks_dir):
+    model, _ = load_tasks(tiny_vit(), tasks_dir)
+    with BackgroundServer(create_app(model, ServeConfig(header_timeout_s=0.6, body_timeout_s=0.6))) as server:
+        # A request head one byte at a time, 0.2 s apart: closed after about 0.6 s, not after 40 bytes.
+        answer, sent = _raw(server, itertools.chain([b"GET /health HTTP/1.1\r\n"], itertools.repeat(b"X")), 0.2)
+        assert answer == b"" and sent < 15
+        # A body that trickles: 408 and the connection closed.
+        head = (b"POST /v1/tasks/deep/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 5000\r\n"
+                b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+                b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n')
+        answer, sent = _raw(server, itertools.chain([head], itertools.repeat(b"0123456789")), 0.2)
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.6 s" in answer and sent < 15
+        assert b"connection: close" in answer.lower()
+        # A normal client on a kept-alive connection is not affected.
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:
+            for _ in range(3):
+                assert client.post("/v1/tasks/deep/predict", files={"file": ("x.png", png(), "image/png")}).status_code == 200
+
+
+def test_a_bad_task_folder_is_skipped_with_the_reason(tasks_dir, tmp_path):
+    import json
+    import shutil
+
+    root = tmp_path / "tasks"
+    shutil.copytree(tasks_dir / "deep", root / "deep")
+    shutil.copytree(tasks_dir / "apt", root / "absurd")
+    config = json.loads((root / "absurd" / "config.json").read_text())
+    config["num_classes"] = 10**12  # a head this size would take terabytes
+    (root / "absurd" / "config.json").write_text(json.dumps(config))
+    shutil.copytree(tasks_dir / "apt", root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    model, skipped = load_tasks(tiny_vit(), root)
+    assert model.task_names == ["deep"]
+    assert any(line.startswith("absurd: ") and "says num_classes 1000000000000, but its head" in line for line in skipped)
+    assert any(line.startswith("truncated: ") and "not a readable safetensors file" in line for line in skipped)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "70000"], "--port 70000 is not a port: give a number from 1 to 65535"),
+    (["--port", "0"], "--port 0 is not a port"),
+    (["--max-body-mb", "-1"], "--max-body-mb -1 must be above 0"),
+    (["--max-batch", "0"], "--max-batch: serve setting max_batch must be above 0"),
+    (["--api-key-file", "MISSING"], "MISSING"),
+])
+def test_serve_refuses_bad_settings_in_one_line(tasks_dir, args, message):
+    from typer.testing import CliRunner
+
+    from vptune.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--tasks", str(tasks_dir), *args])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in " ".join(result.output.split()), result.output

@@ -351,24 +351,78 @@ def serve(
     weights: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors, .pth, .npz)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Use timm's hub weights (needs internet)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on (1-65535)."),
+    api_key_file: Optional[Path] = typer.Option(
+        None, help="File of API keys, one per line, optionally followed by the tasks it may use; requests then need "
+        "'Authorization: Bearer KEY' (/health stays open)."
+    ),
+    allowed_hosts: Optional[str] = typer.Option(
+        None, help="Comma-separated Host header names the server answers to ('*': any; '.example.com': its subdomains). "
+        "Default: localhost, 127.0.0.1, ::1 and --host."
+    ),
+    watch: bool = typer.Option(True, help="Follow --tasks while serving: new run folders are loaded, replaced ones swapped, removed ones unloaded."),
+    watch_interval_s: float = typer.Option(1.0, help="How often --tasks is looked at; a change is acted on once it held this long."),
     max_batch: int = typer.Option(32, help="Most images in one backbone pass, across tasks."),
     max_wait_ms: float = typer.Option(5.0, help="Longest wait for a batch to fill after its first request."),
-    max_pending: int = typer.Option(512, help="Requests in flight before new ones get 503."),
+    max_pending: int = typer.Option(512, help="Images in flight before new requests get 503."),
     max_body_mb: float = typer.Option(8.0, help="Largest request body in MiB (413 above)."),
+    max_images: int = typer.Option(32, help="Most images in one request."),
+    max_image_pixels: int = typer.Option(12_000_000, help="Largest image (width x height) decoded; bigger ones get 413."),
+    header_timeout_s: float = typer.Option(5.0, help="Seconds a client has to send a request's line and headers."),
+    body_timeout_s: float = typer.Option(10.0, help="Seconds a client has to send a request's body (408 after)."),
+    docs: bool = typer.Option(False, "--docs", help="Serve FastAPI's /docs page (it loads its scripts from a public CDN)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    ray: bool = typer.Option(False, "--ray", help="Run the same app on Ray Serve, in --replicas replicas (each holds the backbone and every task)."),
+    replicas: int = typer.Option(2, help="Ray Serve replicas (with --ray)."),
+    replica_cpus: float = typer.Option(1.0, help="CPUs each Ray Serve replica reserves (with --ray)."),
+    ray_address: Optional[str] = typer.Option(None, help="An existing Ray cluster to join (with --ray); default: a local one."),
 ) -> None:
     """Serve every task in --tasks over HTTP; concurrent requests share one backbone pass."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a port: give a number from 1 to 65535")
+    if not max_body_mb > 0:
+        raise ValueError(f"--max-body-mb {max_body_mb:g} must be above 0 (the largest request body in MiB, e.g. 8)")
+    if ray and replicas < 1:
+        raise ValueError(f"--replicas {replicas} must be 1 or more")
+    from vptune.serve.security import default_allowed_hosts, read_api_keys
+    from vptune.serve.server import ServeConfig
+
+    options = dict(
+        max_batch=max_batch, max_wait_ms=max_wait_ms, max_pending=max_pending, max_body_bytes=int(max_body_mb * 2**20),
+        max_images=max_images, max_image_pixels=max_image_pixels, header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s, docs=docs,
+        allowed_hosts=tuple(h.strip() for h in allowed_hosts.split(",") if h.strip()) if allowed_hosts else default_allowed_hosts(host),
+    )
+    flags = {"max_body_bytes": "max_body_mb"}
+    try:
+        config = ServeConfig(**options)
+    except ValueError as error:  # name the flag, not the field
+        name = str(error).split()[2]
+        raise ValueError(f"--{flags.get(name, name).replace('_', '-')}: {error}") from None
+    keys = read_api_keys(api_key_file) if api_key_file else None
+    if not tasks.is_dir():
+        raise FileNotFoundError(f"--tasks {tasks} is not a folder: expected a folder of run folders, one per task")
+    if ray:
+        from vptune.serve.ray_serve import ReplicaSpec, serve_on_ray
+
+        spec = ReplicaSpec(str(tasks), backbone, None if weights is None else str(weights.resolve()), pretrained, device, config, keys, watch, watch_interval_s)
+        console.print(f"starting Ray Serve: {replicas} replicas on http://{host}:{port}")
+        serve_on_ray(spec, replicas, host, port, replica_cpus=replica_cpus, address=ray_address, on_ready=lambda: console.print("ready"))
+        return
+
     import torch
 
     from vptune.backbones import load_backbone
-    from vptune.serve.server import ServeConfig, load_tasks
+    from vptune.serve.live import open_tasks
+    from vptune.serve.server import create_app
     from vptune.serve.server import serve as run_server
 
-    model, skipped = load_tasks(load_backbone(backbone, weights=weights, pretrained=pretrained), tasks)
-    for line in skipped:
-        err_console.print(f"[yellow]skipped[/] {escape(line)}", highlight=False, soft_wrap=True)
-    model.to(torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device))
+    net = load_backbone(backbone, weights=weights, pretrained=pretrained)
+    net.to(torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device))
+    watcher = open_tasks(net, tasks, interval_s=watch_interval_s, settle_s=watch_interval_s)
+    for name, why in sorted(watcher.skipped.items()):
+        err_console.print(f"[yellow]skipped[/] {escape(name)}: {escape(why)}", highlight=False, soft_wrap=True)
+    model = watcher.model
     listing = Table(title=f"tasks served from {escape(str(tasks))}")
     for column in ("task", "method", "classes"):
         listing.add_column(column)
@@ -376,11 +430,9 @@ def serve(
         task = model.task(name)
         listing.add_row(escape(name), task.method_name, str(len(task.labels)))
     console.print(listing)
-    console.print(f"serving on http://{host}:{port} (API docs: /docs)")
-    config = ServeConfig(
-        max_batch=max_batch, max_wait_ms=max_wait_ms, max_pending=max_pending, max_body_bytes=int(max_body_mb * 2**20)
-    )
-    run_server(model, host, port, config)
+    access = f"{len(keys.entries)} API keys" if keys else "no API key needed"
+    console.print(f"serving on http://{escape(host)}:{port} ({access}; Host: {', '.join(config.allowed_hosts)})")
+    run_server(create_app(model, config, watcher=watcher if watch else None, api_keys=keys), host, port)
 
 
 @app.command("bench-serve")

@@ -4,7 +4,7 @@ The event loop only queues work and awaits results; the batch itself runs in one
 thread, so a long backbone pass never blocks other requests from being accepted, decoded,
 refused or timed out. A batch closes when it holds ``max_batch`` items or ``max_wait_ms``
 after its first item arrived; requests that arrive while a batch runs form the next one.
-Admission is bounded: past ``max_pending`` requests in flight, ``admit`` refuses at once.
+Admission is bounded: past ``max_pending`` images in flight, ``admit`` refuses at once.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ class MicroBatcher:
 
     def __init__(
         self, process: Callable[[Sequence[Any]], Sequence[Any]], *, max_batch: int = 32, max_wait_ms: float = 5.0,
-        max_pending: int = 256,
+        max_pending: int = 256, on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_wait_ms < 0 or max_pending < 1:
             raise ValueError(
                 f"need max_batch >= 1, max_wait_ms >= 0 and max_pending >= 1; got {max_batch}, {max_wait_ms}, {max_pending}"
             )
-        self.process = process
+        self.process, self.on_batch = process, on_batch
         self.max_batch, self.max_wait_s, self.max_pending = max_batch, max_wait_ms / 1000.0, max_pending
         self.pending = 0
         self.stats = BatchStats()
@@ -67,16 +67,22 @@ class MicroBatcher:
             if not future.done():
                 future.set_exception(RuntimeError("the server is shutting down"))
 
+    @property
+    def queued(self) -> int:
+        """Items waiting for the next batch."""
+        return 0 if self._queue is None else self._queue.qsize()
+
     @contextlib.asynccontextmanager
-    async def admit(self) -> AsyncIterator[None]:
-        """Count a request as in flight for its whole life (decoding included), or refuse it."""
-        if self.pending >= self.max_pending:
-            raise Overloaded(f"{self.pending} requests are pending (limit {self.max_pending})")
-        self.pending += 1
+    async def admit(self, count: int = 1) -> AsyncIterator[None]:
+        """Count a request's ``count`` images as in flight for its whole life (decoding included),
+        or refuse it."""
+        if self.pending + count > self.max_pending:
+            raise Overloaded(f"{self.pending} images are pending (limit {self.max_pending})")
+        self.pending += count
         try:
             yield
         finally:
-            self.pending -= 1
+            self.pending -= count
 
     async def submit(self, item: Any, timeout_s: float) -> Any:
         """The result for ``item`` once its batch has run; ``TimeoutError`` after ``timeout_s``."""
@@ -118,6 +124,8 @@ class MicroBatcher:
             self.stats.requests += len(batch)
             self.stats.batches += 1
             self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)

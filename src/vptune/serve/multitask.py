@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..backbones.family import SequenceFamily, family_of
-from ..model import PromptModel, read_run_config
+from ..model import WEIGHTS_FILE, PromptModel, read_run_config
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -70,9 +70,37 @@ def check_task_name(name: str) -> str:
     return name
 
 
-@dataclasses.dataclass
+def check_head_size(run: Mapping, run_dir: Path) -> None:
+    """Refuse a run whose ``num_classes`` disagrees with its saved head before building anything,
+    so a damaged or hostile ``config.json`` (an absurd class count) costs no memory."""
+    from safetensors import SafetensorError, safe_open
+
+    classes = run.get("num_classes")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+        raise ValueError(f"{run_dir / 'config.json'}: num_classes must be a positive integer, got {classes!r}")
+    path = run_dir / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run folder has a config but no weights")
+    try:
+        with safe_open(str(path), "pt") as weights:
+            heads = {key: weights.get_slice(key).get_shape() for key in weights.keys() if key.startswith("head.") and key.endswith(".bias")}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error}): the run folder is damaged") from None
+    if heads:
+        last = max(heads, key=lambda key: [int(part) for part in key.split(".") if part.isdigit()])
+        if heads[last] != [classes]:
+            raise ValueError(
+                f"{run_dir / 'config.json'} says num_classes {classes}, but its head {last} in {WEIGHTS_FILE} has "
+                f"shape {heads[last]}: the run folder is damaged or was edited; write it again with save_pretrained"
+            )
+
+
+@dataclasses.dataclass(eq=False)
 class Task:
-    """A loaded run and how its prompts travel through the blocks."""
+    """A loaded run and how its prompts travel through the blocks.
+
+    Compared and hashed by identity: a task replaced under the same name is another ``Task``,
+    and a request that holds the old one is still computed with it."""
 
     name: str
     run_dir: Path | None  # None: added in memory with add_model
@@ -82,6 +110,7 @@ class Task:
     key_bias: Tensor | None  # (p,) the method's log-mask on its prompt tokens
     labels: list[str]
     group: int  # 0: prompt tokens go through some block; 1: extra keys/values only; 2: neither
+    banks: dict = dataclasses.field(default_factory=dict, repr=False)  # cached keys/values per device/dtype
 
     @property
     def method_name(self) -> str:
@@ -135,15 +164,20 @@ class MultiTaskModel(nn.Module):
         self.backbone = backbone.eval()
         self.tasks = nn.ModuleDict()
         self._info: dict[str, Task] = {}
-        self._banks: dict[tuple, _Bank] = {}
         self._lock = threading.RLock()
         for name, run_dir in (runs or {}).items():
             self.add_task(name, run_dir)
 
     # --- tasks -------------------------------------------------------------------------------
-    def add_task(self, name: str, run_dir: str | os.PathLike) -> Task:
+    def add_task(self, name: str, run_dir: str | os.PathLike, replace: bool = False) -> Task:
         """Load the run in ``run_dir`` as task ``name``; refuse, with the reason, one that cannot
-        share this backbone's pass (other backbone, or a method that tunes backbone weights)."""
+        share this backbone's pass (other backbone, or a method that tunes backbone weights).
+        ``replace=True`` swaps a loaded task of that name for the new run in one step."""
+        return self.put(self.load_task(name, run_dir), replace)
+
+    def load_task(self, name: str, run_dir: str | os.PathLike) -> Task:
+        """Read and check a run folder into a ``Task`` without serving it. No lock is held while
+        the folder is read, so the tasks being served are never held up by a slow load."""
         check_task_name(name)
         run_dir = Path(run_dir)
         run = read_run_config(run_dir)
@@ -153,11 +187,20 @@ class MultiTaskModel(nn.Module):
                 f"run {run_dir} ({method}) cannot join a mixed-task batch: {_NOT_MIXABLE[method]}. "
                 "Serve it on its own with PromptModel.from_pretrained"
             )
-        return self.add_model(name, PromptModel.from_pretrained(self.backbone, run_dir), run_dir)
+        check_head_size(run, run_dir)
+        return self._task_of(name, PromptModel.from_pretrained(self.backbone, run_dir), run_dir)
 
-    def add_model(self, name: str, model: PromptModel, run_dir: str | os.PathLike | None = None) -> Task:
+    def add_model(self, name: str, model: PromptModel, run_dir: str | os.PathLike | None = None, replace: bool = False) -> Task:
         """Serve an in-memory ``PromptModel`` built on this backbone as task ``name``."""
         check_task_name(name)
+        return self.put(self._task_of(name, model, None if run_dir is None else Path(run_dir)), replace)
+
+    def replace_task(self, name: str, run_dir: str | os.PathLike) -> Task:
+        """Swap task ``name`` for the run in ``run_dir`` atomically: a batch sees the old or the new
+        run, never a mix, and requests that already hold the old ``Task`` finish on it."""
+        return self.add_task(name, run_dir, replace=True)
+
+    def _task_of(self, name: str, model: PromptModel, run_dir: Path | None) -> Task:
         if model.backbone is not self.backbone:
             method = model.config.method_name()
             why = _NOT_MIXABLE.get(method, "its backbone is not this model's backbone object")
@@ -165,12 +208,16 @@ class MultiTaskModel(nn.Module):
                 f"task {name!r} ({method}) cannot share this backbone's pass: {why}. "
                 "Build it on the same backbone, or serve it on its own"
             )
-        task = self._describe(name, None if run_dir is None else Path(run_dir), model.eval())
+        return self._describe(name, run_dir, model.eval())
+
+    def put(self, task: Task, replace: bool = False) -> Task:
+        """Serve a ``Task`` from ``load_task``; with ``replace``, in place of the one of its name."""
         with self._lock:
-            if name in self._info:
-                raise ValueError(f"task {name!r} is already loaded (from {self._info[name].run_dir}); remove it first")
-            self.tasks[name] = model
-            self._info[name] = task
+            if task.name in self._info and not replace:
+                old = self._info[task.name]
+                raise ValueError(f"task {task.name!r} is already loaded (from {old.run_dir}); remove it first")
+            self.tasks[task.name] = task.model
+            self._info[task.name] = task
         return task
 
     def remove_task(self, name: str) -> None:
@@ -179,7 +226,6 @@ class MultiTaskModel(nn.Module):
                 raise KeyError(f"no task {name!r}; loaded tasks: {', '.join(sorted(self._info)) or 'none'}")
             del self.tasks[name]
             del self._info[name]
-            self._banks = {key: bank for key, bank in self._banks.items() if key[0] != name}
 
     def task(self, name: str) -> Task:
         with self._lock:
@@ -219,8 +265,8 @@ class MultiTaskModel(nn.Module):
         are discarded, then E2VPT's key-value prompts; cached per device, dtype and autocast."""
         kind = like.device.type
         autocast = (torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)) if kind in ("cpu", "cuda") else ()
-        key = (task.name, like.device, like.dtype, autocast)
-        bank = self._banks.get(key)
+        key = (like.device, like.dtype, autocast)
+        bank = task.banks.get(key)
         if bank is not None:
             return bank
         method, sites = task.model.method, self.family.sites
@@ -244,20 +290,23 @@ class MultiTaskModel(nn.Module):
             if part is not None:
                 keys[i, :, : count[i]], values[i, :, : count[i]], bias[i, : count[i]] = part
         masked = task.key_bias is not None and bool((task.key_bias != 0).any())
-        bank = self._banks[key] = _Bank(keys, values, bias.float(), count, masked)
+        bank = task.banks[key] = _Bank(keys, values, bias.float(), count, masked)
         return bank
 
     # --- the mixed pass ----------------------------------------------------------------------
-    def forward(self, images: Tensor, tasks: Sequence[str] | str) -> list[Tensor]:
-        """Logits (C_t,) for each image, over the classes of its task ``tasks[j]``."""
-        if isinstance(tasks, str):
+    def forward(self, images: Tensor, tasks: Sequence[str | Task] | str | Task) -> list[Tensor]:
+        """Logits (C_t,) for each image, over the classes of its task ``tasks[j]``: a task name,
+        or a ``Task`` taken earlier (a server holds it from the request's arrival, so a task
+        replaced or removed meanwhile still answers the requests that came for it)."""
+        if isinstance(tasks, (str, Task)):
             tasks = [tasks] * images.shape[0]
         if len(tasks) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(tasks)} task names: give one task per image")
         with self._lock, torch.no_grad():
-            info = [self.task(name) for name in dict.fromkeys(tasks)]
+            tasks = [task if isinstance(task, Task) else self.task(task) for task in tasks]
+            info = list(dict.fromkeys(tasks))
             info.sort(key=lambda task: task.group)
-            position = {task.name: j for j, task in enumerate(info)}
+            position = {task: j for j, task in enumerate(info)}
             order = sorted(range(len(tasks)), key=lambda j: position[tasks[j]])  # each task's rows contiguous
             sizes = Counter(position[name] for name in tasks)
             ends = list(itertools.accumulate(sizes[j] for j in range(len(info))))
