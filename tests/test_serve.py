@@ -164,3 +164,24 @@ def test_refuses_other_backbones_bad_names_and_folders(runs, tmp_path):
         model.add_task("empty", tmp_path)
     with pytest.raises(ValueError, match="2 images but 1 task names"):
         model(images(2), ["deep3"])
+
+
+def test_replace_is_atomic_and_a_held_task_keeps_its_run(tmp_path):
+    backbone = tiny_vit()
+    a = make_run(backbone, "vpt-deep", dict(num_prompts=3), 4, tmp_path / "a", 0)
+    b = make_run(backbone, "apt", dict(num_prompts=2), 6, tmp_path / "b", 1)
+    model = MultiTaskModel(backbone, {"train": a, "half": a})  # names nn.Module has as attributes
+    x = images(4)
+    held = model.task("train")  # as a server holds it from a request's arrival
+    before = model(x, "train")
+    with pytest.raises(ValueError, match="already loaded"):
+        model.add_task("train", b)
+    model.replace_task("train", b)
+    assert model.task("train") is not held and model.task("train").method_name == "apt"
+    out = model(x, [held, "train", held, "train"])
+    torch.testing.assert_close(torch.stack([out[0], out[2]]), torch.stack([before[0], before[2]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.stack([out[1], out[3]]), reference(backbone, b, x[[1, 3]]), atol=1e-5, rtol=0)
+    model.remove_task("train")
+    assert model.task_names == ["half"] and model(x[:1], [held])[0].shape == (4,)
+    with pytest.raises(KeyError, match="no task 'train'"):
+        model(x[:1], "train")

@@ -162,7 +162,7 @@ class MultiTaskModel(nn.Module):
         self.family = family
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
-        self.tasks = nn.ModuleDict()
+        self.tasks = nn.ModuleDict()  # "task_NAME": a task may be called "half" or "train", which ModuleDict has
         self._info: dict[str, Task] = {}
         self._lock = threading.RLock()
         for name, run_dir in (runs or {}).items():
@@ -216,7 +216,7 @@ class MultiTaskModel(nn.Module):
             if task.name in self._info and not replace:
                 old = self._info[task.name]
                 raise ValueError(f"task {task.name!r} is already loaded (from {old.run_dir}); remove it first")
-            self.tasks[task.name] = task.model
+            self.tasks[f"task_{task.name}"] = task.model
             self._info[task.name] = task
         return task
 
@@ -224,7 +224,7 @@ class MultiTaskModel(nn.Module):
         with self._lock:
             if name not in self._info:
                 raise KeyError(f"no task {name!r}; loaded tasks: {', '.join(sorted(self._info)) or 'none'}")
-            del self.tasks[name]
+            del self.tasks[f"task_{name}"]
             del self._info[name]
 
     def task(self, name: str) -> Task:
