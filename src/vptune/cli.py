@@ -448,9 +448,11 @@ def bench_serve(
     deadline_s: float = typer.Option(300.0, help="The load test stops after this many seconds at the latest."),
     device: str = typer.Option("cpu", help="cpu, cuda or auto."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's)."),
+    ray: bool = typer.Option(False, "--ray", help="Also load-test the same app on Ray Serve (a local Ray on 127.0.0.1)."),
+    replicas: int = typer.Option(2, help="Ray Serve replicas for --ray (one CPU and one torch thread each)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
 ) -> None:
-    """Mixed-task batches vs single-task batches vs one model per task, and an HTTP load test."""
+    """Mixed-task batches vs single-task batches vs one model per task, and an HTTP load test (--ray: also on Ray Serve)."""
     import torch
 
     from vptune.serve.bench import bench_serve as run_bench_serve
@@ -460,7 +462,7 @@ def bench_serve(
         torch.set_num_threads(threads)
     result = run_bench_serve(
         backbone, batch_size=batch_size, rounds=rounds, requests=requests, clients=clients, max_batch=max_batch,
-        max_wait_ms=max_wait_ms, device=device, deadline_s=deadline_s,
+        max_wait_ms=max_wait_ms, device=device, deadline_s=deadline_s, ray=ray, replicas=replicas,
     )
     for table in report_tables(result):
         console.print(table)

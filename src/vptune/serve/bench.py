@@ -10,12 +10,15 @@ Two measurements in one run:
 2. A load test of the HTTP server on 127.0.0.1 only: a bounded number of requests from
    concurrent clients, each with a timeout and the whole test under a deadline, so it
    stops by itself; it reports errors and latency percentiles.
+3. With ``ray=True``, the same load test against the same app on Ray Serve (``replicas``
+   replicas on a local Ray bound to 127.0.0.1, one torch thread each).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import shutil
 import statistics
 import tempfile
 import time
@@ -133,7 +136,25 @@ def _png(seed: int, size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-async def _load(url: str, tasks: list[str], requests: int, clients: int, size: tuple[int, int], timeout_s: float, deadline_s: float) -> dict[str, Any]:
+async def _batching(client: Any, replicas: int, tries: int = 50) -> dict[str, Any]:
+    """How the requests were batched, summed over the replicas (each answers /health for itself)."""
+    seen: dict[str, dict] = {}
+    for _ in range(tries):
+        health = (await client.get("/health")).json()
+        seen[health.get("replica", "")] = health
+        if len(seen) >= replicas:
+            break
+    requests, batches = sum(h["requests"] for h in seen.values()), sum(h["batches"] for h in seen.values())
+    return {
+        "replicas_seen": len(seen), "mean_batch": requests / batches if batches else 0.0,
+        "largest_batch": max(h["largest_batch"] for h in seen.values()),
+    }
+
+
+async def _load(
+    url: str, tasks: list[str], requests: int, clients: int, size: tuple[int, int], timeout_s: float, deadline_s: float,
+    replicas: int = 1, headers: dict[str, str] | None = None,
+) -> dict[str, Any]:
     import httpx
 
     images = [_png(seed, size) for seed in range(16)]
@@ -143,7 +164,7 @@ async def _load(url: str, tasks: list[str], requests: int, clients: int, size: t
     stop_at = time.monotonic() + deadline_s
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
-    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits, headers=headers) as client:
 
         async def worker() -> None:
             nonlocal issued
@@ -165,7 +186,7 @@ async def _load(url: str, tasks: list[str], requests: int, clients: int, size: t
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
-        health = (await client.get("/health")).json()
+        batching = await _batching(client, replicas)
     quantiles = np.percentile(latencies, [50, 99]) * 1000 if latencies else [float("nan")] * 2
     return {
         "requests": issued,
@@ -177,8 +198,7 @@ async def _load(url: str, tasks: list[str], requests: int, clients: int, size: t
         "p99_ms": float(quantiles[1]),
         "req_s": len(latencies) / wall,
         "wall_s": wall,
-        "mean_batch": health["mean_batch"],
-        "largest_batch": health["largest_batch"],
+        **batching,
     }
 
 
@@ -195,11 +215,39 @@ def load_test(
         return asyncio.run(_load(server.url, model.task_names, requests, clients, size, timeout_s, deadline_s))
 
 
+def load_test_ray(
+    backbone: str, weights: Path, tasks_dir: Path, *, replicas: int = 2, requests: int = 500, clients: int = 32,
+    max_batch: int = 32, max_wait_ms: float = 5.0, timeout_s: float = 30.0, deadline_s: float = 300.0,
+    temp_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The load test against the app on Ray Serve: ``replicas`` replicas, one CPU and one torch
+    thread each, on a local Ray bound to 127.0.0.1 (its files in ``temp_dir``)."""
+    import socket
+
+    from .ray_serve import ReplicaSpec, ray_serve
+
+    config = ServeConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_pending=max(512, 2 * clients))
+    spec = ReplicaSpec(str(tasks_dir), backbone, str(weights), config=config, watch=False, threads=1)
+    with socket.socket() as sock:  # a free port for Ray's proxy
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    tasks = sorted(p.name for p in tasks_dir.iterdir() if (p / "config.json").is_file())
+    net = bench_backbone(backbone)
+    size = tuple(net.patch_embed.img_size)
+    start = time.perf_counter()
+    with ray_serve(spec, replicas, "127.0.0.1", port, num_cpus=max(2, replicas), temp_dir=temp_dir) as url:
+        startup = time.perf_counter() - start
+        result = asyncio.run(_load(url, tasks, requests, clients, size, timeout_s, deadline_s, replicas))
+    return {"replicas": replicas, "startup_s": startup, **result}
+
+
 def bench_serve(
     backbone: str, *, batch_size: int = 32, rounds: int = 5, requests: int = 500, clients: int = 32,
     max_batch: int = 32, max_wait_ms: float = 5.0, device: str = "cpu", deadline_s: float = 300.0,
+    ray: bool = False, replicas: int = 2,
 ) -> dict[str, Any]:
-    """Both measurements on ``backbone`` (bundled architecture or timm name, random weights)."""
+    """The measurements on ``backbone`` (bundled architecture or timm name, random weights); with
+    ``ray``, also the load test on Ray Serve with ``replicas`` replicas."""
     net = bench_backbone(backbone)
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device if device != "auto" else "cpu")
     with tempfile.TemporaryDirectory(prefix="vptune-bench-serve-") as folder:
@@ -209,6 +257,20 @@ def bench_serve(
             net, Path(folder), requests=requests, clients=clients, max_batch=max_batch, max_wait_ms=max_wait_ms,
             deadline_s=deadline_s,
         )
+        ray_load = None
+        if ray:
+            from safetensors.torch import save_file
+
+            weights = Path(folder) / "backbone.safetensors"  # the replicas rebuild exactly this backbone
+            save_file({k: v.contiguous().cpu() for k, v in net.state_dict().items()}, str(weights))
+            ray_temp = Path(tempfile.mkdtemp(prefix="vptune-ray-"))  # short: Ray's unix sockets live in it
+            try:
+                ray_load = load_test_ray(
+                    backbone, weights, Path(folder), replicas=replicas, requests=requests, clients=clients,
+                    max_batch=max_batch, max_wait_ms=max_wait_ms, deadline_s=deadline_s, temp_dir=ray_temp,
+                )
+            finally:
+                shutil.rmtree(ray_temp, ignore_errors=True)
     return {
         "backbone": backbone,
         "device": str(torch_device),
@@ -216,6 +278,7 @@ def bench_serve(
         "tasks": {name: method for name, (method, _, _) in TASK_MIX.items()},
         "throughput": throughput,
         "load_test": load,
+        **({"load_test_ray": ray_load} if ray_load is not None else {}),
     }
 
 
@@ -236,10 +299,15 @@ def report_tables(result: dict[str, Any]) -> list:
         model.add_row(f"  single: {name}", f"{img_s:.1f}", f"{t['mixed_img_s'] / img_s:.2f}")
     load = result["load_test"]
     server = Table(title=f"HTTP load test on 127.0.0.1: {load['requests']} requests from {load['clients']} clients")
-    for column in ("ok", "errors", "p50 ms", "p99 ms", "requests/s", "mean batch", "largest batch"):
-        server.add_column(column, justify="right")
-    server.add_row(
-        str(load["ok"]), str(load["errors"]), f"{load['p50_ms']:.1f}", f"{load['p99_ms']:.1f}", f"{load['req_s']:.1f}",
-        f"{load['mean_batch']:.1f}", str(load["largest_batch"]),
-    )
+    for column in ("server", "ok", "errors", "p50 ms", "p99 ms", "requests/s", "mean batch", "largest batch"):
+        server.add_column(column, justify="left" if column == "server" else "right")
+    rows = [(f"one process, {result['threads']} threads", load)]
+    if "load_test_ray" in result:
+        ray = result["load_test_ray"]
+        rows.append((f"Ray Serve, {ray['replicas']} replicas x 1 thread", ray))
+    for name, row in rows:
+        server.add_row(
+            name, str(row["ok"]), str(row["errors"]), f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", f"{row['req_s']:.1f}",
+            f"{row['mean_batch']:.1f}", str(row["largest_batch"]),
+        )
     return [model, server]
