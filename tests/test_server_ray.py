@@ -16,6 +16,7 @@ from test_serve import make_run
 from test_server import png
 
 from vptune.backbones import BUNDLED_BACKBONE, load_backbone
+from vptune.backbones.family import family_of
 from vptune.data.transforms import backbone_data_config, eval_transform
 
 pytest.importorskip("ray.serve")
@@ -60,7 +61,7 @@ def test_two_replicas_serve_the_same_app(tmp_path):
     from vptune import PromptModel
 
     own = PromptModel.from_pretrained(backbone, root / "deep").eval()
-    x = eval_transform(own.metadata.get("data"), backbone_data_config(backbone))(Image.open(io.BytesIO(png(7))).convert("L" if backbone.patch_embed.proj.in_channels == 1 else "RGB"))
+    x = eval_transform(own.metadata.get("data"), backbone_data_config(backbone))(Image.open(io.BytesIO(png(7))).convert("L" if family_of(backbone).input_size()[0] == 1 else "RGB"))
     with torch.no_grad():
         top = own(x[None])[0].softmax(-1).topk(3)
     assert [p["index"] for p in body["predictions"]] == top.indices.tolist()

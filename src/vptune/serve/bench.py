@@ -233,7 +233,7 @@ def load_test_ray(
         port = sock.getsockname()[1]
     tasks = sorted(p.name for p in tasks_dir.iterdir() if (p / "config.json").is_file())
     net = bench_backbone(backbone)
-    size = tuple(net.patch_embed.img_size)
+    size = tuple(family_of(net).input_size()[1:])
     start = time.perf_counter()
     with ray_serve(spec, replicas, "127.0.0.1", port, num_cpus=max(2, replicas), temp_dir=temp_dir) as url:
         startup = time.perf_counter() - start
