@@ -62,6 +62,19 @@ def test_scenes_round_trip_through_arrays_and_render_the_described_kinds():
     assert scenes.render(described[:3], "val", np.random.default_rng(0), size=64)[0].shape == (3, 64, 64)
 
 
+def test_fixed_sources_draw_one_item_instance_in_several_canvases():
+    labels = load_fashion_mnist("test")[1]
+    bag = int(np.flatnonzero(labels[5000:] == 8)[0]) + 5000  # a bag of the test pool
+    subject = [Scene("single", (Item(8, place, size, 0),)) for place, size in (("left", "medium"), ("center", "large"))]
+    sources = np.array([[bag, -1, -1, -1]] * 2)
+    images, used = scenes.render(subject, "test", np.random.default_rng(0), sources=sources)
+    assert np.array_equal(used, sources) and images[0].any() and images[1].any()
+    with pytest.raises(ValueError, match=f"image {bag} is a 8, not a 3"):
+        scenes.render([Scene("single", (Item(3, "left", "small", 0),))], "test", np.random.default_rng(0), sources=sources[:1])
+    with pytest.raises(ValueError, match=f"image {bag} is not in pool 'train'"):
+        scenes.render(subject[:1], "train", np.random.default_rng(0), sources=sources[:1])
+
+
 def bright_box(canvas):
     rows, cols = np.nonzero(canvas > 20)
     return rows.min(), rows.max(), cols.min(), cols.max()

@@ -115,3 +115,23 @@ def test_registry_and_fields():
     assert VQATask(["a"]).fields == ("image", "input_ids", "attention_mask", "vqa_targets")
     assert NLVRTask.fields == ("image0", "image1", "input_ids", "attention_mask", "label")
     assert {cls.main_metric for cls in TASKS.values()} == {"top1", "vqa_score", "r1_mean"}
+
+
+def test_score_matrix_scores_every_caption_against_every_image():
+    import numpy as np
+
+    from vptune.data.vl import ImageTable, RetrievalData
+
+    pixels = np.stack([np.full((4, 4), 10 * i, dtype=np.uint8) for i in range(7)])
+    ids = torch.arange(5 * 3).reshape(5, 3)
+    data = RetrievalData(ImageTable(pixels), np.array([0, 1, 2, 3, 4]), ids, torch.ones_like(ids),
+                         lambda image: torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1))
+    calls = []
+
+    def score_pairs(batch):  # a pair's score: its image's grey value times its text's first id, plus the mask sum
+        calls.append(len(batch["image"]))
+        return batch["image"][:, 0, 0, 0] * batch["input_ids"][:, 0] + batch["attention_mask"].sum(1)
+
+    scores = RetrievalTask.score_matrix(score_pairs, data, batch_size=6, image_block=3)
+    expected = torch.tensor([[10.0 * i * ids[t, 0] + 3 for i in range(7)] for t in range(5)])
+    assert torch.equal(scores, expected) and max(calls) <= 6 and sum(calls) == 35

@@ -199,8 +199,13 @@ def test_nlvr2_pairs_statements_and_labels(tmp_path, tokenizer):
     second = data.train[1]
     assert (pixel(second["image0"]), pixel(second["image1"]), second["label"]) == (60, 160, 0)
     assert tokenizer.decode(second["input_ids"]) == "the left image contains a coat ."
-    assert data.train[0]["label"] == 1 and second["input_ids"].shape == (40,)
+    assert data.train[0]["label"] == 1 and second["input_ids"].shape == (48,)  # the tokenizer's own length
     assert len(build_vl_data(f"nlvr2:{tmp_path}", CONFIG, final=True).train) == 3
+    pytest.importorskip("transformers")
+    fast = tokenizer.to_transformers()
+    fast.model_max_length = int(1e30)  # what transformers reports for a checkpoint that sets no length
+    through_transformers = build_vl_data(f"nlvr2:{tmp_path}", CONFIG, fast).train[1]["input_ids"]
+    assert through_transformers.shape == (40,) and torch.equal(through_transformers, second["input_ids"][:40])
 
 
 def test_nlvr2_bad_inputs_name_the_file_and_line(tmp_path):

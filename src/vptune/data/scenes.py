@@ -131,27 +131,47 @@ def _position(layout: str, item: Item) -> tuple[float, float]:
     return grid[row], grid[col]
 
 
-def render(scenes: list[Scene], pool: str, rng: np.random.Generator, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+def render(scenes: list[Scene], pool: str, rng: np.random.Generator, size: int = SIZE,
+           sources: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Draw ``scenes`` as grey canvases (N, size, size) uint8 with images from ``pool``; also
     returns which Fashion-MNIST image each item is, (N, 4) int32 with -1 for no item. Sides and
-    the +-1 px jitter are given at 32 px and scaled to ``size``."""
-    images = _fashion_mnist(pool_indices(pool)[0])[0]
+    the +-1 px jitter are given at 32 px and scaled to ``size``. ``sources`` (same form) fixes
+    the images instead of drawing them: one item instance in several canvases, as the subject
+    of subject-driven generation."""
+    split, indices = pool_indices(pool)
+    images, labels = _fashion_mnist(split)
     by_kind = pool_by_kind(pool)
+    if sources is not None:
+        _check_sources(scenes, sources, pool, indices, labels)
     scale = size / SIZE
     canvases = np.zeros((len(scenes), size, size), dtype=np.uint8)
-    sources = np.full((len(scenes), MAX_ITEMS), -1, dtype=np.int32)
-    for canvas, source, scene in zip(canvases, sources, scenes):
+    drawn = np.full((len(scenes), MAX_ITEMS), -1, dtype=np.int32)
+    for n, (canvas, source, scene) in enumerate(zip(canvases, drawn, scenes)):
         for slot, item in enumerate(scene.items):
             low, high = SCALES[item.size]
             high = min(high, _MAX_SIDE.get(scene.layout, high))
             side = max(2, round(int(rng.integers(low, high + 1)) * scale))
-            candidates = by_kind[item.kind]
-            source[slot] = candidates[int(rng.integers(len(candidates)))]
+            if sources is None:
+                candidates = by_kind[item.kind]
+                source[slot] = candidates[int(rng.integers(len(candidates)))]
+            else:
+                source[slot] = sources[n, slot]
             picture = np.rot90(crop_item(images[source[slot]], side), k=item.rotation // 90)
             row, col = _position(scene.layout, item)
             paste(canvas, np.ascontiguousarray(picture),
                   row * size + rng.uniform(-1, 1) * scale, col * size + rng.uniform(-1, 1) * scale)
-    return canvases, sources
+    return canvases, drawn
+
+
+def _check_sources(scenes: list[Scene], sources: np.ndarray, pool: str, indices: np.ndarray, labels: np.ndarray) -> None:
+    if sources.shape != (len(scenes), MAX_ITEMS):
+        raise ValueError(f"sources has shape {sources.shape}; expected ({len(scenes)}, {MAX_ITEMS})")
+    for n, (scene, row) in enumerate(zip(scenes, sources)):
+        for item, index in zip(scene.items, row):
+            if not indices[0] <= index < indices[-1] + 1:
+                raise ValueError(f"scene {n}: Fashion-MNIST image {index} is not in pool {pool!r}")
+            if labels[index] != item.kind:
+                raise ValueError(f"scene {n}: Fashion-MNIST image {index} is a {labels[index]}, not a {item.kind}")
 
 
 # ---- scenes as arrays (for caches) --------------------------------------------------------

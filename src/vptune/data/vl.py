@@ -192,8 +192,9 @@ def build_vl_data(spec: str, data_config: dict, tokenizer: Any = None, *, final:
                   max_length: int | None = None, negatives: int = 15) -> VLDataBundle:
     """Datasets for a vision-language ``spec`` (``minivl:TASK``, ``vqav2:ROOT``, ``nlvr2:ROOT``,
     ``f30k:ROOT``), images sized from ``data_config``, text from ``tokenizer`` (default: the
-    shipped ``WordTokenizer``) padded to ``max_length`` (default: the tokenizer's own for
-    minivl, else 40). ``final`` trains on train+val and keeps val for reporting."""
+    shipped ``WordTokenizer``) padded to ``max_length`` (default: the tokenizer's own
+    ``model_max_length``, 48 for the shipped one, or 40, ViLT's, when it has none).
+    ``final`` trains on train+val and keeps val for reporting."""
     from .transforms import resize_transform
 
     kind, _, argument = spec.partition(":")
@@ -204,13 +205,13 @@ def build_vl_data(spec: str, data_config: dict, tokenizer: Any = None, *, final:
 
         tokenizer = WordTokenizer.from_file()
     transform = resize_transform(data_config)
+    own = getattr(tokenizer, "model_max_length", None)  # transformers says 1e30 when a checkpoint sets none
+    length = max_length or (own if own and own <= 512 else DEFAULT_MAX_LENGTH)
     if kind == "minivl":
-        length = max_length or getattr(tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)
         return _minivl(argument, spec, tokenizer, transform, final, length, negatives)
     root = Path(argument).expanduser()
     if not root.is_dir():
         raise DataError(f"{spec}: no such folder {root}")
-    length = max_length or DEFAULT_MAX_LENGTH
     reader = {"vqav2": vqav2, "nlvr2": nlvr2, "f30k": f30k}[kind]
     bundle = reader(root, tokenizer, transform, length, final=final, negatives=negatives)
     bundle.spec = spec

@@ -6,7 +6,7 @@ and text retrieval (an image finds one of its captions)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,30 @@ class RetrievalTask(Task):
             head.weight.copy_(itm.weight[1:])
             head.bias.copy_(itm.bias[1:])
         return head
+
+    @staticmethod
+    @torch.no_grad()
+    def score_matrix(score_pairs: Callable[[dict[str, Tensor]], Tensor], data: Any, batch_size: int = 256,
+                     image_block: int = 16) -> Tensor:
+        """The (num_texts, num_images) scores of every caption against every image of ``data``
+        (a ``RetrievalData``), as ViLT evaluates retrieval: ``score_pairs`` gets batches of
+        about ``batch_size`` pairs (``image`` (B, C, H, W), ``input_ids``, ``attention_mask``)
+        and returns their scores (B,). Images are loaded ``image_block`` at a time."""
+        images = data.images_dataset()
+        num_texts = len(data.input_ids)
+        text_block = max(1, batch_size // image_block)
+        columns = []
+        for start in range(0, len(images), image_block):
+            pixels = torch.stack([images[j]["image"] for j in range(start, min(start + image_block, len(images)))])
+            rows = []
+            for first in range(0, num_texts, text_block):
+                ids, mask = data.input_ids[first:first + text_block], data.attention_mask[first:first + text_block]
+                batch = {"image": pixels.repeat(len(ids), 1, 1, 1),  # text-major: (t0, i0), (t0, i1), ..., (t1, i0)
+                         "input_ids": ids.repeat_interleave(len(pixels), 0),
+                         "attention_mask": mask.repeat_interleave(len(pixels), 0)}
+                rows.append(score_pairs(batch).float().reshape(len(ids), len(pixels)))
+            columns.append(torch.cat(rows))
+        return torch.cat(columns, dim=1)
 
     def loss(self, outputs: Tensor, batch: Mapping[str, Any]) -> Tensor:
         """``outputs``: scores (B, 1 + K) of each caption against its image (column 0) and K others."""
