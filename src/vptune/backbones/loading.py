@@ -1,4 +1,5 @@
-"""``load_backbone``: the bundled backbone, any timm ViT by name, and local weight files.
+"""``load_backbone``: the bundled backbones, any timm model of a supported family (ViT, Eva,
+BEiT, Swin) by name, and local weight files.
 
 Only the classifier head of a weights file may differ from the model (vptune trains its own
 head); any other missing, unexpected or mis-shaped tensor is an error naming file and keys.
@@ -11,7 +12,9 @@ from pathlib import Path
 import timm
 import torch
 from safetensors.torch import load_file
-from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+import sys
+
+from torch import nn
 
 from .bundled import BUNDLED_BACKBONE, build_bundled, bundled_weights_path
 from .family import family_of
@@ -22,7 +25,7 @@ _SHOWN = 8
 
 def load_backbone(
     spec: str = BUNDLED_BACKBONE, *, weights: str | Path | None = None, pretrained: bool = False
-) -> VisionTransformer:
+) -> nn.Module:
     """A frozen-ready backbone in eval mode.
 
     ``spec`` is the bundled backbone's name (its shipped weights, no download) or a timm model
@@ -47,7 +50,7 @@ def load_backbone(
     return model.eval()
 
 
-def _create_timm(name: str, pretrained: bool) -> VisionTransformer:
+def _create_timm(name: str, pretrained: bool) -> nn.Module:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:5]
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -66,13 +69,15 @@ def _create_timm(name: str, pretrained: bool) -> VisionTransformer:
         ) from error
 
 
-def load_weights(model: VisionTransformer, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local weights file into ``model``; the classifier head may differ or be absent."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npz":
+        if not hasattr(model, "load_pretrained"):
+            raise ValueError(f"{path}: big_vision .npz weights load into timm VisionTransformer models only, not {type(model).__name__}")
         try:
             model.load_pretrained(str(path))
         except (KeyError, ValueError, RuntimeError) as error:
@@ -101,10 +106,12 @@ def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def load_state(model: VisionTransformer, state: dict[str, torch.Tensor], source: str) -> None:
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Strictly load ``state`` except for the classifier head; name the offending keys otherwise."""
+    # timm's own key conversions and position-embedding resampling, from the model's family module.
+    convert = getattr(sys.modules.get(type(model).__module__), "checkpoint_filter_fn", None)
     try:
-        state = checkpoint_filter_fn(state, model)  # timm's key conversions and position-embedding resampling
+        state = convert(state, model) if convert is not None else state
     except Exception:  # noqa: BLE001  a file it cannot convert is reported by the key check below
         pass
     own = model.state_dict()
