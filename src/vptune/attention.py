@@ -4,9 +4,11 @@ may rewrite (APT).
 
 Everything here re-composes a timm attention module's own frozen submodules (``qkv`` or
 ``q_proj``/``k_proj``/``v_proj``, the separate ``q_bias``/``v_bias`` of BEiT and EVA, ``q_norm``,
-``k_norm``, ``norm``, ``gate``, ``proj``); nothing of timm is copied or patched. The same
-function serves every timm family (ViT, Eva, BEiT, Swin windows); a family only says where
-positions apply (rotary embedding, relative position bias) and which tokens are prompts.
+``k_norm``, ``norm``, ``gate``, ``proj``), or those of a ``torch.nn.MultiheadAttention``
+(``in_proj_weight``/``in_proj_bias``, ``out_proj``: open_clip's towers); nothing of timm or
+open_clip is copied or patched. The same function serves every family (ViT, Eva, BEiT, Swin
+windows, open_clip); a family only says where positions apply (rotary embedding, relative
+position bias) and which tokens are prompts.
 
 - ``attend`` is timm's attention forward with keys/values appended after the projections:
   VPT-deep prompt keys (the exact key-value path), E2VPT key-value prompts, or both.
@@ -36,9 +38,24 @@ def _separate_bias(attn: nn.Module) -> Tensor | None:
     return torch.cat([attn.q_bias, k_bias, attn.v_bias])
 
 
+def _in_proj(attn: nn.Module, x: Tensor) -> Tensor:
+    """A ``nn.MultiheadAttention``'s packed input projection, plus peft's LoRA update when peft
+    adapted the layer (its ``lora.MultiheadAttention`` only acts inside its own forward, which
+    merges the update into the weight; here the same update is added as ``B(A(x)) * scaling``)."""
+    out = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    lora_a = getattr(attn, "lora_A", None)
+    if lora_a is not None and not attn.disable_adapters and not attn.merged:
+        for name in attn.active_adapters:
+            if name in lora_a:
+                out = out + attn.lora_B[name](lora_a[name](attn.lora_dropout[name](x))) * attn.scaling[name]
+    return out
+
+
 def project_qkv(attn: nn.Module, x: Tensor) -> Tensor:
     """``[x W_q + b_q, x W_k + b_k, x W_v + b_v]`` (B, N, 3D) through the attention's own
     projection modules (so that LoRA, injected into them, acts)."""
+    if getattr(attn, "in_proj_weight", None) is not None:
+        return _in_proj(attn, x)
     if getattr(attn, "qkv", None) is not None:
         qkv = attn.qkv(x)
         bias = _separate_bias(attn)
@@ -48,6 +65,13 @@ def project_qkv(attn: nn.Module, x: Tensor) -> Tensor:
 
 def project_kv(attn: nn.Module, x: Tensor) -> Tensor:
     """``[x W_k + b_k, x W_v + b_v]`` (B, N, 2D) only, for tokens whose queries nobody reads."""
+    weight = getattr(attn, "in_proj_weight", None)
+    if weight is not None:
+        D = weight.shape[0] // 3
+        if getattr(attn, "lora_A", None) is not None:  # adapted by peft
+            return _in_proj(attn, x)[..., D:]
+        bias = attn.in_proj_bias
+        return F.linear(x, weight[D:], None if bias is None else bias[D:])
     qkv = getattr(attn, "qkv", None)
     if type(qkv) is not nn.Linear:  # separate projections, or an adapted (LoRA) module
         if qkv is None:
@@ -127,13 +151,24 @@ def attend(
         mask = key_bias if mask is None else mask + key_bias
     if mask is not None:
         mask = mask.to(q.dtype)
-    dropout = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=_dropout(attn))
     out = out.transpose(1, 2).reshape(B, n, H * Dh)
     out = _norm(attn, "norm", out)
     if gate is not None:
         out = out * gate
+    if getattr(attn, "in_proj_weight", None) is not None:  # nn.MultiheadAttention
+        # peft's LoRA wrapper answers ``out_proj`` with the plain Linear; its adapted one is on the base layer.
+        base = attn.get_base_layer() if hasattr(attn, "get_base_layer") else attn
+        return base.out_proj(out)
     return attn.proj_drop(attn.proj(out))
+
+
+def _dropout(attn: nn.Module) -> float:
+    """Attention-probability dropout while training: timm's ``attn_drop``, torch's ``dropout``."""
+    if not attn.training:
+        return 0.0
+    drop = getattr(attn, "attn_drop", None)
+    return drop.p if drop is not None else float(attn.dropout)
 
 
 def prompt_keys_values(attn: nn.Module, prompts: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,10 +182,24 @@ def prompt_keys_values(attn: nn.Module, prompts: Tensor) -> tuple[Tensor, Tensor
     return _norm(attn, "k_norm", k), v
 
 
+def _part(block: nn.Module, timm_name: str, open_clip_name: str) -> nn.Module:
+    """A block's submodule under timm's name (``norm1``) or open_clip's (``ln_1``)."""
+    module = getattr(block, timm_name, None)
+    return module if module is not None else getattr(block, open_clip_name)
+
+
+def _drop_path(block: nn.Module, which: int, x: Tensor) -> Tensor:
+    """timm's stochastic depth on branch ``which``; open_clip's blocks have none."""
+    module = getattr(block, f"drop_path{which}", None)
+    return x if module is None else module(x)
+
+
 def layer_scale(block: nn.Module, which: int, x: Tensor) -> Tensor:
     """The block's layer scale on branch ``which`` (1: attention, 2: MLP): timm's ``ls1``/``ls2``
-    modules (ViT) or ``gamma_1``/``gamma_2`` tensors (BEiT, EVA), or none."""
+    or open_clip's ``ls_1``/``ls_2`` modules, or ``gamma_1``/``gamma_2`` tensors (BEiT, EVA), or none."""
     module = getattr(block, f"ls{which}", None)
+    if module is None:
+        module = getattr(block, f"ls_{which}", None)
     if module is not None:
         return module(x)
     gamma = getattr(block, f"gamma_{which}", None)
@@ -167,20 +216,20 @@ def block_forward(
     queries: int | None = None,
     **positions,
 ) -> Tensor:
-    """A timm pre-norm block with extra keys/values; ``attention_output(u, a)`` may rewrite the
+    """A pre-norm block (timm's, or open_clip's ``ResidualAttentionBlock``) with extra keys/values; ``attention_output(u, a)`` may rewrite the
     attention output ``a`` given the attention input ``u = LN1(x)`` (APT). With ``queries``, only
     the first ``queries`` tokens' outputs are computed (every token still gives keys and values):
     a last block whose other outputs nobody reads. ``positions`` go to ``attend``."""
-    u = block.norm1(x)
+    u = _part(block, "norm1", "ln_1")(x)
     a = attend(block.attn, u, extra_k, extra_v, key_bias, queries, **positions)
     if queries is not None:
         u, x = u[:, :queries], x[:, :queries]
     if attention_output is not None:
         a = attention_output(u, a)
-    x = x + block.drop_path1(layer_scale(block, 1, a))
-    return x + block.drop_path2(layer_scale(block, 2, block.mlp(block.norm2(x))))
+    x = x + _drop_path(block, 1, layer_scale(block, 1, a))
+    return x + _drop_path(block, 2, layer_scale(block, 2, block.mlp(_part(block, "norm2", "ln_2")(x))))
 
 
 def block_prompt_keys_values(block: nn.Module, prompts: Tensor) -> tuple[Tensor, Tensor]:
     """``prompt_keys_values`` of a pre-norm block: the prompts go through its LN1 first."""
-    return prompt_keys_values(block.attn, block.norm1(prompts))
+    return prompt_keys_values(block.attn, _part(block, "norm1", "ln_1")(prompts))

@@ -28,10 +28,17 @@ def load_backbone(
 ) -> nn.Module:
     """A frozen-ready backbone in eval mode.
 
-    ``spec`` is the bundled backbone's name (its shipped weights, no download) or a timm model
-    name (random weights, or timm's hub weights with ``pretrained=True``). ``weights`` loads a
-    local .safetensors, .pth/.pt or big_vision .npz file instead.
+    ``spec`` is the bundled backbone's name (its shipped weights, no download), a timm model
+    name (random weights, or timm's hub weights with ``pretrained=True``), or
+    ``open_clip:NAME[/TAG]`` (a whole CLIP model: open_clip's weights for TAG). ``weights`` loads
+    a local .safetensors, .pth/.pt or big_vision .npz file instead.
     """
+    if spec.startswith("open_clip:"):
+        from .openclip import create_open_clip
+
+        model = create_open_clip(spec, weights)
+        family_of(model)
+        return model.eval()
     if spec == BUNDLED_BACKBONE:
         model = build_bundled()
         if weights is None:
