@@ -1,6 +1,6 @@
 """DistributedDataParallel under torchrun: two CPU processes (gloo), each on half a batch, take
-the same optimiser step as one process on the whole batch; ``vptune train`` under torchrun
-writes its run folder once, from rank 0."""
+the same optimiser step (with --scale-lr, at the same lr) as one process on the whole batch;
+``vptune train`` under torchrun writes its run folder once, from rank 0."""
 
 import json
 import os
@@ -32,7 +32,10 @@ def setup(batch_size):
     generator = torch.Generator().manual_seed(1)
     images, labels = torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 5, (8,), generator=generator)
     data = types.SimpleNamespace(train=TensorDataset(images, labels), val=TensorDataset(images, labels))
-    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=0.5, weight_decay=0.01, warmup_epochs=0, device="cpu")
+    # --scale-lr: peak lr 16 * 8 / 256 = 0.5 for one process on batch 8 and for two on 4 each (the
+    # world-size factor), so the two runs agree only if that factor is applied.
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=16.0, scale_lr=True, weight_decay=0.01, warmup_epochs=0,
+                      device="cpu")
     return model, data, cfg
 
 
