@@ -252,12 +252,16 @@ def test_scale_lr_sets_the_lr_the_optimiser_steps_with(scale_lr):
         # each block attends from N tokens to p more keys: QK^T and AV, 2 FLOPs per multiply-add;
         # with token pooling the last block computes only the class token's row
         ("vpt-deep", {"num_prompts": 5}, lambda n, d, depth: (depth - 1) * 2 * (2 * n * 5 * d) + 2 * (2 * 1 * 5 * d)),
-        ("lora", {}, lambda n, d, depth: 0),  # merges into the weights
+        # LoRA as run (unmerged), against the backbone without adapters: x A then (x A) B, rank 8, on
+        # qkv (d -> 3d) for every token of every block, on proj (d -> d) for the class token only in the last
+        ("lora", {}, lambda n, d, depth: depth * 2 * n * 8 * 4 * d + (depth - 1) * 2 * n * 8 * 2 * d + 2 * 1 * 8 * 2 * d),
     ],
 )
 def test_extra_flops_against_formulas(method, options, expected):
     from vptune.flops import extra_flops
 
     model = model_for(method, **options)
+    tuned = {n for n, p in model.named_parameters() if p.requires_grad}
     tokens = model.backbone.patch_embed.num_patches + model.backbone.num_prefix_tokens
     assert extra_flops(model) == expected(tokens, model.backbone.embed_dim, len(model.backbone.blocks))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == tuned  # counting changed no flag

@@ -9,7 +9,8 @@ convention of 2 FLOPs per multiply-add.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -44,14 +45,35 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """peft's adapter layers in ``model`` (LoRA) bypassed while inside: each runs its frozen base
+    layer only, so ``model`` computes what the backbone it was injected into computes.
+    The adapters' ``requires_grad`` flags (which peft clears when disabling) are restored."""
+    layers = [m for m in model.modules() if callable(getattr(m, "enable_adapters", None)) and getattr(m, "disable_adapters", None) is False]
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 @torch.no_grad()
 def extra_flops(model: torch.nn.Module) -> int:
     """Additional inference FLOPs per image of a PromptModel over its frozen backbone with a
-    linear head (the papers' "additional FLOPs"): prompts, extra keys/values, an MLP head.
+    linear head: prompts, extra keys/values, an MLP head, LoRA's low-rank products.
 
-    Counted at eval on one image of the backbone's input size, after a warm-up call so that
-    the prompt key/value cache is filled, as it is when serving. Methods that only change
-    backbone tensors (full, bias, partial; LoRA, which can be merged into them) add none.
+    The convention, used by every figure vptune reports (metrics.json, the demo, benchmark mini,
+    ``vptune bench``): the FLOPs of the model as vptune runs it, LoRA unmerged, minus those of
+    the frozen backbone without adapters. (Merged into the weights, LoRA would add none; vptune
+    does not merge.) Counted at eval on one image of the backbone's input size, after a warm-up
+    call so that the prompt key/value cache is filled, as it is when serving. Methods that only
+    change backbone tensors (full, bias, partial) add none.
     """
     family = model.family
     device = next(model.parameters()).device
@@ -60,6 +82,7 @@ def extra_flops(model: torch.nn.Module) -> int:
     model.eval()
     model(image)  # fills the prompt key/value cache
     total = count_flops(lambda: model(image))
-    frozen = count_flops(lambda: family.frozen_features(image))
+    with adapters_disabled(model):
+        frozen = count_flops(lambda: family.frozen_features(image))
     model.train(was_training)
     return total - frozen - 2 * family.num_features * model.num_classes

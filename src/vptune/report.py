@@ -199,7 +199,7 @@ def write_demo_report(
 Each method is trained once on each task's 800 training images with the fixed recipe below
 (no tuning on test), then scored on the 200 val images and the test images. "train s" is the
 training time of the run, val evaluation included; "extra GFLOPs" is the inference cost per
-image over the frozen backbone with a linear head.
+image over the frozen backbone with a linear head, of the model as vptune runs it (LoRA unmerged).
 
 ## Tasks
 {_task_lines(rows)}
@@ -246,7 +246,7 @@ def results_mini_block(
 {status}
 Test top-1 (%) per task, each group's mean, tuned parameters as a share of the backbone
 (mean over tasks: the head depends on the number of classes) and additional inference GFLOPs
-per image over the frozen backbone with a linear head:
+per image over the frozen backbone with a linear head (of the model as run, LoRA unmerged):
 
 {summary_table(rows)}
 
