@@ -222,3 +222,28 @@ def test_a_local_weights_file_loads_into_an_eva(tmp_path):
     images = images_for(source)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(images), source(images))
+
+
+@pytest.mark.parametrize("family_name", ["dinov3", "beit"])
+def test_mixed_task_batches_on_other_families(family_name, tmp_path):
+    """Runs of every prompt method on an Eva (registers, rotary) and a BEiT (relative position
+    bias) join one mixed-task pass, each sample getting its own run's logits."""
+    from test_serve import RUNS, make_run
+
+    from vptune import MultiTaskModel
+
+    backbone = tiny(family_name)
+    folders = {
+        name: make_run(backbone, method, options, classes, tmp_path / name, seed)
+        for seed, (name, (method, options, classes)) in enumerate(RUNS.items())
+    }
+    model = MultiTaskModel(backbone, folders)
+    names = list(folders)
+    tasks = [names[j % len(names)] for j in range(len(names) + 3)]
+    x = images_for(backbone, len(tasks))
+    out = model(x, tasks)
+    for name in names:
+        rows = [j for j, t in enumerate(tasks) if t == name]
+        with torch.no_grad():
+            expected = PromptModel.from_pretrained(backbone, folders[name]).eval()(x[rows])
+        torch.testing.assert_close(torch.stack([out[j] for j in rows]), expected, atol=1e-5, rtol=0, msg=f"task {name}")
