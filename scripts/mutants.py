@@ -116,6 +116,13 @@ MUTANTS = [
         ("tests/test_train.py", "-k", "extra_flops"),
     ),
     Mutant(
+        "bench train_ratio inverted",
+        "bench.py",
+        '"train_ratio": _ratio(train, median[base]["infer"]),',
+        '"train_ratio": _ratio(median[base]["infer"], train),',
+        ("tests/test_bench.py", "-k", "exactly_the_keys"),
+    ),
+    Mutant(
         "APT weight w not detached",
         "methods/apt.py",
         "scores.amax(dim=-1, keepdim=True).detach()",
