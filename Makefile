@@ -5,15 +5,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test fashion-mnist clean
+.PHONY: setup demo test fashion-mnist clean check-core-install
 
 setup: $(STAMP)
 
-# torch and torchvision are pinned in the same pip command (and in constraints.txt):
-# an unpinned torchvision pulls a CUDA build of torch (gigabytes).
+# Our environment: every extra at the exact versions of constraints.txt (the package itself
+# declares ranges). torch and torchvision are pinned together there: an unpinned torchvision
+# pulls a CUDA build of torch (gigabytes).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -c constraints.txt torch==2.13.0 torchvision==0.28.0 -e ".[dev]"
+	$(PY) -m pip install --disable-pip-version-check -c constraints.txt -e ".[all,dev]"
 	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'vptune_tvshim.pth').write_text('import vptune_tvshim; vptune_tvshim.install()\n')"
 	$(MAKE) fashion-mnist
 	touch $(STAMP)
@@ -29,6 +30,15 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# `pip install vptune` without extras into a fresh venv (pinned torch), then train a prompt
+# model and check that no optional library is installed or imported (a few minutes; `make test`
+# runs the same check on the same distributions, linked instead of installed).
+check-core-install:
+	tmp=$$(mktemp -d) && $(PYTHON) -m venv $$tmp/venv && \
+	$$tmp/venv/bin/pip install --disable-pip-version-check -q -c constraints.txt . && \
+	mkdir $$tmp/work && cd $$tmp && OMP_NUM_THREADS=1 $$tmp/venv/bin/python $(CURDIR)/tests/core_only_check.py $$tmp/work && \
+	rm -rf $$tmp
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

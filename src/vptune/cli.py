@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from vptune.extras import MissingExtra, require
+
 app = typer.Typer(
     name="vptune",
     help="Prompt tuning of frozen timm vision transformers (VPT, E2VPT, APT) and their baselines.",
@@ -37,7 +39,7 @@ def user_errors(command: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ValueError, OSError, TypeError) as err:
+        except (ValueError, OSError, TypeError, MissingExtra) as err:
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
@@ -101,6 +103,8 @@ def train(
     final: bool = typer.Option(False, "--final", help="Train on train+val (train800val200) and report test."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    tracker: str = typer.Option("none", help="Also log to: none, tensorboard (event files in RUN/tensorboard) or mlflow."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: an SQLite store, OUT/mlflow.db)."),
 ) -> None:
     """Tune a method on a dataset and write the run folder."""
     from vptune.train import TrainConfig, train_run
@@ -113,6 +117,7 @@ def train(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
         warmup_epochs=warmup_epochs, scale_lr=scale_lr, precision=precision, seed=seed, grad_accum=grad_accum,
         eval_every=eval_every, num_workers=num_workers, skip_bad_images=skip_bad_images, device=device,
+        tracker=tracker, tracking_uri=tracking_uri,
     )
     try:
         with process_group_from_env(cfg.torch_device()) as main:  # DistributedDataParallel under torchrun
@@ -268,8 +273,11 @@ def sweep(
     cpus_per_trial: float = typer.Option(1.0, help="CPUs each trial reserves (and its torch threads)."),
     gpus_per_trial: float = typer.Option(0.0, help="GPUs each trial reserves (fractions share a GPU)."),
     scheduler: str = typer.Option("none", help="none, or asha: stop weak grid points early on per-epoch val top-1."),
+    tracker: str = typer.Option("none", help="Every run also logs to: none, tensorboard (RUN/tensorboard) or mlflow."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: one SQLite store for the sweep, OUT/mlflow.db)."),
 ) -> None:
     """Search lr x wd on val, retrain the winner on train+val with each seed, report test (REFERENCE.md 1)."""
+    require("sweep", purpose="vptune sweep")
     from vptune.sweep import SweepConfig, SweepInterrupted, run_sweep
     from vptune.train import TrainConfig
 
@@ -280,6 +288,7 @@ def sweep(
             epochs=epochs, batch_size=batch_size, warmup_epochs=epochs / 10 if warmup_epochs is None else warmup_epochs,
             optimizer=optimizer, precision=precision,
             grad_accum=grad_accum, num_workers=num_workers, device=device, scale_lr=True,
+            tracker=tracker, tracking_uri=tracking_uri,
         ),
         lr_grid=parse_grid(lr_grid, float, "--lr-grid"), wd_grid=parse_grid(wd_grid, float, "--wd-grid"),
         num_prompts_grid=parse_grid(num_prompts_grid, int, "--num-prompts-grid") if num_prompts_grid else (None,),
@@ -378,6 +387,7 @@ def serve(
     ray_address: Optional[str] = typer.Option(None, help="An existing Ray cluster to join (with --ray); default: a local one."),
 ) -> None:
     """Serve every task in --tasks over HTTP; concurrent requests share one backbone pass."""
+    require("serve", purpose="vptune serve")
     if not 1 <= port <= 65535:
         raise ValueError(f"--port {port} is not a port: give a number from 1 to 65535")
     if not max_body_mb > 0:
@@ -453,6 +463,7 @@ def bench_serve(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full result as JSON."),
 ) -> None:
     """Mixed-task batches vs single-task batches vs one model per task, and an HTTP load test (--ray: also on Ray Serve)."""
+    require("serve", purpose="vptune bench-serve")
     import torch
 
     from vptune.serve.bench import bench_serve as run_bench_serve
@@ -537,6 +548,15 @@ def invocation() -> str:
     return " ".join(["vptune", *sys.argv[1:]])
 
 
+def tracking_settings(tracker: str, tracking_uri: Optional[str], out: Path) -> dict[str, Any]:
+    """The recipes' tracker settings: every run of a comparison logs into one store under ``out``."""
+    from vptune.tracking import shared_store
+
+    if tracker == "none" and tracking_uri is None:
+        return {}
+    return {"tracker": tracker, "tracking_uri": shared_store(tracker, tracking_uri, out)}
+
+
 def run_line(row: dict[str, Any], done: int, total: int) -> str:
     if row["error"]:
         return f"[{done}/{total}] {row['task']} {row['method']}: [red]diverged[/] ({escape(row['error'][:80])})"
@@ -553,6 +573,8 @@ def demo(
     epochs: Optional[int] = typer.Option(None, help="Epochs for every method instead of each recipe's own."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights instead of the bundled backbone's shipped ones."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's; use 1 on a machine busy with other jobs)."),
+    tracker: str = typer.Option("none", help="Every run also logs to: none, tensorboard (RUN/tensorboard) or mlflow."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: one SQLite store, OUT/mlflow.db)."),
 ) -> None:
     """Train linear, full, VPT-shallow/deep, E2VPT, APT and LoRA on two mini tasks; write a report with plots."""
     import time
@@ -566,7 +588,8 @@ def demo(
     from vptune.report import rich_table, write_demo_report
 
     task_list = comma_list(tasks) or list(DEMO_TASKS)
-    recipes = recipes_for(comma_list(methods) or DEMO_METHODS, **({} if epochs is None else {"epochs": epochs}))
+    settings = {**({} if epochs is None else {"epochs": epochs}), **tracking_settings(tracker, tracking_uri, out)}
+    recipes = recipes_for(comma_list(methods) or DEMO_METHODS, **settings)
     total, done, started = len(task_list) * len(recipes), [], time.perf_counter()
     with console.status(f"training 1/{total} ...") as status:
         def on_run(row: dict[str, Any]) -> None:
@@ -596,6 +619,8 @@ def benchmark_mini(
     results: Path = typer.Option(Path("docs/results-mini.md"), help="Markdown file whose benchmark section is (re)written."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights instead of the bundled backbone's shipped ones."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's; use 1 on a machine busy with other jobs)."),
+    tracker: str = typer.Option("none", help="Every run also logs to: none, tensorboard (RUN/tensorboard) or mlflow."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: one SQLite store, OUT/mlflow.db)."),
 ) -> None:
     """Every mini task x every method: lr chosen on val200, retrained on train+val, test top-1 (resumable)."""
     import time
@@ -612,6 +637,7 @@ def benchmark_mini(
     task_list = comma_list(tasks) or list(MINI_TASKS)
     factors = parse_grid(lrs, float, "--lrs")
     settings = {"eval_every": 0, **({} if epochs is None else {"epochs": epochs})}  # val only at the end
+    settings.update(tracking_settings(tracker, tracking_uri, out))
     recipes = recipes_for(comma_list(methods) or BENCHMARK_METHODS, **settings)
     total, done, started = len(task_list) * len(recipes), [], time.perf_counter()
 

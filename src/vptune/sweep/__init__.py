@@ -8,9 +8,15 @@ is a Ray Tune trial with its own run folder, so a killed sweep resumes where it 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from rich.console import Console
+
+from ..extras import require
+from ..tracking import shared_store
+
+require("sweep", purpose="vptune.sweep (Ray Tune)")  # before .tune imports ray
 
 from .protocol import (
     OFFICIAL_BASE_LRS,
@@ -42,6 +48,9 @@ def run_sweep(config: SweepConfig, trainer: Trainer | None = None, console: Cons
         from ..train import train_run as trainer
     console = console or Console()
     config.out.mkdir(parents=True, exist_ok=True)
+    if config.train.tracker != "none":  # every trial logs into one store, made before they start
+        uri = shared_store(config.train.tracker, config.train.tracking_uri, config.out)
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, tracking_uri=uri))
     check_settings(config)
     with RaySession(config, console) as session:
         searched = run_all(session, config.search_runs(), "search", trainer)

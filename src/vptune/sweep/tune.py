@@ -27,6 +27,7 @@ from ..backbones import load_backbone
 from ..backbones.family import family_of
 from ..train import TrainConfig
 from ..train.checkpoint import CHECKPOINT_FILE
+from ..train.config import without_tracking
 from .protocol import METRICS_FILE, STOPPED_FILE, Outcome, Run, SweepConfig, first_line, read_outcome, write_json
 
 Trainer = Callable[..., dict[str, Any]]  # the signature of vptune.train.train_run
@@ -100,7 +101,7 @@ def check_settings(config: SweepConfig) -> None:
         "pretrained": config.pretrained,
         "method": config.method,
         "method_options": config.method_options,
-        "train": {k: v for k, v in config.train.to_dict().items() if k not in ("lr", "weight_decay", "seed", "scale_lr")},
+        "train": {k: v for k, v in without_tracking(config.train.to_dict()).items() if k not in ("lr", "weight_decay", "seed", "scale_lr")},
     }
     path = config.out / SETTINGS_FILE
     if path.is_file():

@@ -11,6 +11,17 @@ from typing import Any
 
 import torch
 
+from ..tracking import check_tracker
+
+# Where a run's figures are logged: they do not change what it computes, so they are left out
+# when a run or sweep folder's settings are compared with a new invocation's.
+TRACKING_FIELDS = ("tracker", "tracking_uri")
+
+
+def without_tracking(settings: dict[str, Any]) -> dict[str, Any]:
+    """A TrainConfig's ``to_dict()`` (or a recorded one) without the tracking fields."""
+    return {key: value for key, value in settings.items() if key not in TRACKING_FIELDS}
+
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -28,6 +39,8 @@ class TrainConfig:
     num_workers: int = 0
     skip_bad_images: bool = False
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    tracker: str = "none"  # "none" | "tensorboard" | "mlflow": where train_run logs besides curve.csv (vptune.tracking)
+    tracking_uri: str | None = None  # MLflow's store; default: an SQLite file in the run folder
 
     def __post_init__(self) -> None:
         checks = {
@@ -51,6 +64,7 @@ class TrainConfig:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        check_tracker(self.tracker, self.tracking_uri, installed=False)  # installed: checked when a run opens it
         if self.device != "auto":
             try:
                 torch.device(self.device)

@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
 from ..model import CONFIG_FILE, PromptModel, check_compatible, read_run_config
+from ..tracking import Tracker
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .distributed import all_sum, eval_shard, finite_everywhere, train_sampler, world_size, wrap
@@ -118,11 +119,13 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Train ``model``'s tuned parameters on ``data.train``; evaluate on ``data.val`` at the end
     (and every ``cfg.eval_every`` epochs). With ``out_dir``, write the tuned weights, the curve
     and a checkpoint after every epoch; ``resume`` continues from that checkpoint.
-    ``on_epoch_end(record)`` is called with each epoch's curve row (a sweep reports it).
+    ``on_epoch_end(record)`` is called with each epoch's curve row (a sweep reports it);
+    ``tracker`` gets every step's and every epoch's figures (see ``vptune.tracking``).
 
     Returns the final val top-1 and loss, the curve and throughput figures.
     """
@@ -168,6 +171,7 @@ def fit(
             num_images = len(loader.sampler)
             step_images = cfg.batch_size * cfg.grad_accum
             loss_sum, seen, lr, tick = 0.0, 0, 0.0, time.perf_counter()
+            step_loss, step_seen, step_tick = 0.0, 0, tick  # the current optimiser step's, for the tracker
             for i, (images, labels) in enumerate(loader):
                 images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 window_start = (i // cfg.grad_accum) * step_images  # images in this optimiser step
@@ -178,14 +182,20 @@ def fit(
                 if not finite_everywhere(loss):
                     raise non_finite(loss, epoch, state["step"], out_dir)
                 (loss / in_step).backward()
-                loss_sum += loss.item()
-                seen += labels.numel()
+                loss_value = loss.item()
+                loss_sum, seen = loss_sum + loss_value, seen + labels.numel()
+                step_loss, step_seen = step_loss + loss_value, step_seen + labels.numel()
                 if (i + 1) % cfg.grad_accum == 0 or i + 1 == micro_batches:
                     lr = peak_lr * lr_factor(state["step"], warmup_steps, total_steps)
                     set_lr(optimizer, lr)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     state["step"] += 1
+                    if tracker is not None:
+                        now = time.perf_counter()
+                        tracker.log({"step/train_loss": step_loss / step_seen, "step/lr": lr,
+                                     "step/images_per_s": step_seen / max(now - step_tick, 1e-9)}, state["step"])
+                        step_loss, step_seen, step_tick = 0.0, 0, now
                 elapsed = time.perf_counter() - tick
                 bar.update(task, advance=1, loss=loss_sum / seen, lr=lr, ips=seen / max(elapsed, 1e-9))
             elapsed = time.perf_counter() - tick
@@ -210,6 +220,9 @@ def fit(
                     f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  lr {lr:.3g}{val_text}"
                     f"  {record['images_per_s']:.0f} img/s"
                 )
+            if tracker is not None:
+                tracker.log({f"epoch/{key}": value for key, value in record.items() if key != "step" and value is not None},
+                            record["step"])
             if on_epoch_end is not None:
                 on_epoch_end(record)
 

@@ -24,6 +24,7 @@ from ..data.transforms import backbone_data_config, eval_transform
 from ..flops import extra_flops
 from ..methods import config_for
 from ..model import PromptModel, read_run_config
+from ..tracking import check_tracker, open_tracker
 from .checkpoint import CHECKPOINT_FILE
 from .config import TrainConfig
 from .loop import check_backbone_weights, evaluate, fit, is_main_process
@@ -60,6 +61,7 @@ def train_run(
 
     out = Path(out)
     config = config_for(method, **method_options)
+    check_tracker(cfg.tracker, cfg.tracking_uri)  # a missing extra is named before anything is loaded
     torch.manual_seed(cfg.seed)  # a timm backbone without weights is random: make it the same on --resume
     net = load_backbone(backbone, weights=weights, pretrained=pretrained)
     if resume and (out / METRICS_FILE).is_file() and not (out / CHECKPOINT_FILE).is_file():
@@ -83,8 +85,23 @@ def train_run(
     initial = None
     if model.method.prompt_layers:
         initial = {name: t.detach().cpu().clone() for name, t in model.tuned_state_dict().items()}
-    result = fit(model, bundle, cfg, out, resume=resume, progress=progress, on_epoch_end=on_epoch_end)
-    test = evaluate(model, bundle.test, cfg) if bundle.test is not None and len(bundle.test) else None
+    tracker = None
+    if is_main_process():
+        settings = {
+            "method": config.method_name(), "method_config": config.to_dict(), "data": data, "final": final,
+            "backbone": model.metadata["backbone"], "train": {k: v for k, v in cfg.to_dict().items() if k != "tracking_uri"},
+        }
+        tracker = open_tracker(cfg.tracker, out, params=settings, tracking_uri=cfg.tracking_uri, resume=resume)
+    failed = True
+    try:
+        result = fit(model, bundle, cfg, out, resume=resume, progress=progress, on_epoch_end=on_epoch_end, tracker=tracker)
+        test = evaluate(model, bundle.test, cfg) if bundle.test is not None and len(bundle.test) else None
+        if tracker is not None and test is not None:
+            tracker.log({"test/top1": test["top1"], "test/loss": test["loss"]}, result["steps"])
+        failed = False
+    finally:
+        if tracker is not None:
+            tracker.close(failed=failed)
     tuned, frozen = model.num_tuned_parameters(), model.num_backbone_parameters()
     metrics = {
         "method": config.method_name(),
