@@ -413,6 +413,7 @@ def serve(
     if not tasks.is_dir():
         raise FileNotFoundError(f"--tasks {tasks} is not a folder: expected a folder of run folders, one per task")
     if ray:
+        require("serve", "ray", purpose="vptune serve --ray")
         from vptune.serve.ray_serve import ReplicaSpec, serve_on_ray
 
         spec = ReplicaSpec(str(tasks), backbone, None if weights is None else str(weights.resolve()), pretrained, device, config, keys, watch, watch_interval_s)

@@ -340,6 +340,9 @@ def create_open_clip(spec: str, weights: str | Path | None = None) -> nn.Module:
     """The CLIP model of ``spec`` (``open_clip:NAME/TAG``): open_clip's pretrained weights for TAG
     (downloaded by open_clip, needs internet), a local ``weights`` file instead, or random
     weights with no TAG. A name or tag open_clip does not know is refused with close names."""
+    from ..extras import require
+
+    require("clip", purpose=f"--backbone {spec}")
     import open_clip
 
     name, tag = parse_spec(spec)

@@ -103,6 +103,9 @@ class WordTokenizer:
     def to_transformers(self):
         """The same tokenizer as a transformers ``PreTrainedTokenizerFast`` (built from a
         tokenizers WordLevel model), for code that expects one (ViLT's processor, say)."""
+        from ..extras import require
+
+        require("vl", purpose="a transformers tokenizer")
         from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
         from tokenizers.models import WordLevel
         from transformers import PreTrainedTokenizerFast
