@@ -123,6 +123,20 @@ MUTANTS = [
         ("tests/test_bench.py", "-k", "exactly_the_keys"),
     ),
     Mutant(
+        "big_vision .npz weights silently not loaded",
+        "backbones/loading.py",
+        "model.load_pretrained(str(path))",
+        "None",
+        ("tests/test_backbones.py", "-k", "npz"),
+    ),
+    Mutant(
+        "ASHA search runs report val only at the end (never stopped)",
+        "sweep/tune.py",
+        "cfg = dataclasses.replace(cfg, eval_every=1)",
+        "cfg = cfg",
+        ("tests/test_sweep.py", "-k", "asha"),
+    ),
+    Mutant(
         "APT weight w not detached",
         "methods/apt.py",
         "scores.amax(dim=-1, keepdim=True).detach()",

@@ -117,6 +117,62 @@ def test_bad_weight_files(tmp_path):
         load_backbone("test_vit", weights=tmp_path / "w.npz")
 
 
+def big_vision_npz(model, path) -> None:
+    """``model``'s weights under big_vision's names and layouts (a SigLIP-style ViT: no class token,
+    blocks stacked on a leading depth axis under ``params/Transformer/encoderblock``)."""
+    d = model.embed_dim
+    heads = model.blocks[0].attn.num_heads
+    t = lambda x: x.detach().numpy()  # noqa: E731
+    blocks = model.blocks
+    stack = lambda f: np.stack([t(f(b)) for b in blocks])  # noqa: E731
+    mha = "params/Transformer/encoderblock/MultiHeadDotProductAttention_0/"
+    arrays = {
+        "params/embedding/kernel": t(model.patch_embed.proj.weight.permute(2, 3, 1, 0)),  # H, W, in, out
+        "params/embedding/bias": t(model.patch_embed.proj.bias),
+        "params/pos_embedding": t(model.pos_embed),
+        "params/Transformer/encoder_norm/scale": t(model.norm.weight),
+        "params/Transformer/encoder_norm/bias": t(model.norm.bias),
+        "params/head/kernel": t(model.head.weight.T),
+        "params/head/bias": t(model.head.bias),
+        "params/Transformer/encoderblock/LayerNorm_0/scale": stack(lambda b: b.norm1.weight),
+        "params/Transformer/encoderblock/LayerNorm_0/bias": stack(lambda b: b.norm1.bias),
+        "params/Transformer/encoderblock/LayerNorm_1/scale": stack(lambda b: b.norm2.weight),
+        "params/Transformer/encoderblock/LayerNorm_1/bias": stack(lambda b: b.norm2.bias),
+        mha + "out/kernel": stack(lambda b: b.attn.proj.weight.reshape(d, heads, -1).permute(1, 2, 0)),  # H, Dh, d
+        mha + "out/bias": stack(lambda b: b.attn.proj.bias),
+    }
+    for j, name in enumerate(("query", "key", "value")):
+        arrays[mha + f"{name}/kernel"] = stack(lambda b: b.attn.qkv.weight[j * d : (j + 1) * d].T.reshape(d, heads, -1))
+        arrays[mha + f"{name}/bias"] = stack(lambda b: b.attn.qkv.bias[j * d : (j + 1) * d].reshape(heads, -1))
+    for r, fc in enumerate(("fc1", "fc2")):
+        arrays[f"params/Transformer/encoderblock/MlpBlock_0/Dense_{r}/kernel"] = stack(lambda b: getattr(b.mlp, fc).weight.T)
+        arrays[f"params/Transformer/encoderblock/MlpBlock_0/Dense_{r}/bias"] = stack(lambda b: getattr(b.mlp, fc).bias)
+    np.savez(path, **arrays)
+
+
+def test_big_vision_npz_weights_load(tmp_path):
+    """--weights FILE.npz: a big_vision checkpoint (its key names and kernel layouts) loads every
+    tensor into the timm model, and the model computes what the source computes."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from honest import honest_
+
+    def siglip_like(seed: int) -> VisionTransformer:
+        torch.manual_seed(seed)
+        model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5,
+                                  class_token=False, global_pool="avg", fc_norm=False)
+        return honest_(model, seed).eval()
+
+    source, target = siglip_like(0), siglip_like(1)
+    big_vision_npz(source, tmp_path / "siglip.npz")
+    loading.load_weights(target, tmp_path / "siglip.npz")
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(target(images), source(images))
+
+
 def test_pretrain_writes_loadable_weights_and_card(tmp_path, monkeypatch):
     from vptune.backbones import pretrain
 

@@ -208,3 +208,25 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path, weig
     log.write_text("")
     assert run_sweep(config, trainer=functools.partial(recording_trainer, log=str(log))) == summary
     assert log.read_text() == ""  # all done: nothing trains, and Ray is not even started
+
+
+def test_asha_stops_the_losing_search_run_and_the_final_runs_run_to_the_end(tmp_path, weights):
+    """--scheduler asha: val top-1 reported every epoch, a search run below the rung's cutoff stopped
+    after its first epoch (recorded, not competing), the winner and its final run trained fully."""
+    base = mini_sweep(tmp_path / "sweep", weights, scheduler="asha")
+    # One trial at a time, in grid order: the good lr reaches the rung first, so the cutoff is its val.
+    config = dataclasses.replace(
+        base, lr_grid=(5.0, 1e-6), num_cpus=1, train=dataclasses.replace(base.train, epochs=2)
+    )
+    summary = run_sweep(config)
+    good, bad = summary["tasks"]["digits"]["trials"]
+    assert (good["base_lr"], good["status"]) == (5.0, "done")
+    assert (bad["base_lr"], bad["status"]) == (1e-6, "stopped")
+    stopped = json.loads((Path(bad["folder"]) / "stopped.json").read_text())
+    assert stopped["epoch"] == 1 and stopped["val_top1"] < good["val_top1"]
+    assert not (Path(bad["folder"]) / "metrics.json").exists()
+    assert summary["tasks"]["digits"]["chosen"]["base_lr"] == 5.0
+    curve = (tmp_path / "sweep" / "search" / "digits" / "lr5_wd0" / "curve.csv").read_text().splitlines()
+    assert len(curve) == 3 and curve[1].split(",")[4] != ""  # 2 epochs, val top-1 after epoch 1 too
+    final = json.loads((tmp_path / "sweep" / "final" / "digits" / "lr5_wd0" / "seed42" / "metrics.json").read_text())
+    assert final["epochs"] == 2 and final["final"]
