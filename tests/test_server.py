@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import io
 import itertools
+import sys
 
 import httpx
 import numpy as np
@@ -397,7 +398,12 @@ def _raw(server, chunks, pause_s: float, limit: int = 40) -> tuple[bytes, int]:
         return b"", sent
 
 
-def test_slow_headers_and_slow_bodies_are_cut(tasks_dir):
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_slow_headers_and_slow_bodies_are_cut(tasks_dir, parser, monkeypatch):
+    if parser == "h11":
+        monkeypatch.setitem(sys.modules, "httptools", None)  # as where httptools is not installed
+    else:
+        pytest.importorskip("httptools")
     model, _ = load_tasks(tiny_vit(), tasks_dir)
     with BackgroundServer(create_app(model, ServeConfig(header_timeout_s=0.6, body_timeout_s=0.6))) as server:
         # A request head one byte at a time, 0.2 s apart: closed after about 0.6 s, not after 40 bytes.

@@ -416,7 +416,7 @@ def serve(
         require("serve", "ray", purpose="vptune serve --ray")
         from vptune.serve.ray_serve import ReplicaSpec, serve_on_ray
 
-        spec = ReplicaSpec(str(tasks), backbone, None if weights is None else str(weights.resolve()), pretrained, device, config, keys, watch, watch_interval_s)
+        spec = ReplicaSpec(str(tasks.resolve()), backbone, None if weights is None else str(weights.resolve()), pretrained, device, config, keys, watch, watch_interval_s)
         console.print(f"starting Ray Serve: {replicas} replicas on http://{host}:{port}")
         serve_on_ray(spec, replicas, host, port, replica_cpus=replica_cpus, address=ray_address, on_ready=lambda: console.print("ready"))
         return

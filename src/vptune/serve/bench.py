@@ -300,11 +300,11 @@ def report_tables(result: dict[str, Any]) -> list:
     load = result["load_test"]
     server = Table(title=f"HTTP load test on 127.0.0.1: {load['requests']} requests from {load['clients']} clients")
     for column in ("server", "ok", "errors", "p50 ms", "p99 ms", "requests/s", "mean batch", "largest batch"):
-        server.add_column(column, justify="left" if column == "server" else "right")
-    rows = [(f"one process, {result['threads']} threads", load)]
+        server.add_column(column, justify="left" if column == "server" else "right", no_wrap=column == "server")
+    rows = [(f"1 process x {result['threads']} thread{'s' if result['threads'] > 1 else ''}", load)]
     if "load_test_ray" in result:
         ray = result["load_test_ray"]
-        rows.append((f"Ray Serve, {ray['replicas']} replicas x 1 thread", ray))
+        rows.append((f"Ray Serve: {ray['replicas']} replicas x 1 thread", ray))
     for name, row in rows:
         server.add_row(
             name, str(row["ok"]), str(row["errors"]), f"{row['p50_ms']:.1f}", f"{row['p99_ms']:.1f}", f"{row['req_s']:.1f}",

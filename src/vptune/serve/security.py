@@ -9,7 +9,7 @@
 - ``AllowedHosts`` refuses a request whose ``Host`` header names another server (DNS
   rebinding, host-header poisoning) with 400.
 - ``BodyDeadline`` cuts a request whose body arrives too slowly with 408, and
-  ``timed_h11_protocol`` gives uvicorn's HTTP/1.1 protocol a deadline for the request line
+  ``timed_http_protocol`` gives uvicorn's HTTP/1.1 protocol a deadline for the request line
   and headers, so slow-header and slow-body clients cannot hold connections open.
 """
 
@@ -200,13 +200,18 @@ class BodyDeadline:
         await self.app(scope, timed, send)
 
 
-def timed_h11_protocol(header_timeout_s: float) -> type:
-    """uvicorn's h11 protocol with a deadline for each request's line and headers: a connection
-    that has not sent a whole request head ``header_timeout_s`` after it opened (or after its
-    last response) is closed. uvicorn itself only times out idle keep-alive connections."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+def timed_http_protocol(header_timeout_s: float) -> type:
+    """uvicorn's HTTP/1.1 protocol (httptools where installed, else h11, as uvicorn picks) with a
+    deadline for each request's line and headers: a connection that has not sent a whole request
+    head ``header_timeout_s`` after it opened (or after its last response) is closed. uvicorn
+    itself only times out idle keep-alive connections, and any byte received stops that timer."""
+    try:
+        import httptools  # noqa: F401
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base
 
-    class TimedH11Protocol(H11Protocol):
+    class TimedHTTPProtocol(Base):
         _head_timer: asyncio.TimerHandle | None = None
 
         def _arm(self) -> None:
@@ -232,9 +237,9 @@ def timed_h11_protocol(header_timeout_s: float) -> type:
             self._disarm()
             super().connection_lost(exc)
 
-        def handle_events(self) -> None:
+        def data_received(self, data: bytes) -> None:
             cycle = self.cycle
-            super().handle_events()
+            super().data_received(data)
             if self.cycle is not cycle:  # a whole request head arrived
                 self._disarm()
 
@@ -243,4 +248,4 @@ def timed_h11_protocol(header_timeout_s: float) -> type:
                 self._arm()  # the next request on this connection gets the same deadline
             super().on_response_complete()
 
-    return TimedH11Protocol
+    return TimedHTTPProtocol

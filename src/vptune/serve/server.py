@@ -47,7 +47,7 @@ from .batching import MicroBatcher, Overloaded
 from .live import TaskWatcher, open_tasks
 from .metrics import ServerMetrics
 from .multitask import TASK_NAME, MultiTaskModel, Task
-from .security import AccessControl, AllowedHosts, ApiKeys, BodyDeadline, default_allowed_hosts, timed_h11_protocol
+from .security import AccessControl, AllowedHosts, ApiKeys, BodyDeadline, default_allowed_hosts, timed_http_protocol
 
 log = logging.getLogger("vptune.serve")
 
@@ -377,7 +377,7 @@ def uvicorn_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_
 
     config: ServeConfig = app.state.serve_config
     return uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, http=timed_h11_protocol(config.header_timeout_s),
+        app, host=host, port=port, log_level=log_level, http=timed_http_protocol(config.header_timeout_s),
         timeout_keep_alive=config.keep_alive_s, timeout_graceful_shutdown=config.shutdown_timeout_s,
         server_header=False, lifespan="on",
     )
