@@ -5,8 +5,8 @@ the tasks folder with its watcher, the micro-batcher, the keys and limits) from 
 ``ReplicaSpec``, and serves the same FastAPI app through ``serve.ingress``; Ray's proxy
 spreads requests over the replicas. The tasks folder must be readable by every replica (on
 a cluster: a shared file system). API keys travel as their digests, never as the keys.
-Ray's proxy, not uvicorn here, reads the requests, so the request-head deadline is Ray's;
-``/metrics`` and ``/health`` answer for the replica the request reached.
+Ray's proxy, not uvicorn here, reads the requests, so the deadlines on slow request heads and
+bodies are Ray's; ``/metrics`` and ``/health`` answer for the replica the request reached.
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ def build_app(spec: ReplicaSpec) -> Any:
     cuda = spec.device == "auto" and torch.cuda.is_available()
     net.to(torch.device("cuda" if cuda else "cpu" if spec.device == "auto" else spec.device))
     watcher = open_tasks(net, spec.tasks_dir, interval_s=spec.watch_interval_s, settle_s=spec.watch_interval_s)
-    return create_app(watcher.model, spec.config, watcher=watcher if spec.watch else None, api_keys=spec.api_keys)
+    # Ray's proxy reads the client's request; its body reaches the replica when the replica asks for
+    # it, so a deadline here would time the replica's own queue, not the client.
+    config = dataclasses.replace(spec.config, body_timeout_s=None)
+    return create_app(watcher.model, config, watcher=watcher if spec.watch else None, api_keys=spec.api_keys)
 
 
 def deployment(spec: ReplicaSpec, replicas: int, replica_cpus: float = 1.0) -> Any:

@@ -66,7 +66,7 @@ class ServeConfig:
     request_timeout_s: float = 30.0
     retry_after_s: int = 1
     header_timeout_s: float = 5.0  # a request line and headers must arrive within this
-    body_timeout_s: float = 10.0  # a request body must arrive within this of the request's start
+    body_timeout_s: float | None = 10.0  # a request body must arrive within this of the request's start (None: a proxy in front sees to it)
     keep_alive_s: float = 5.0
     shutdown_timeout_s: float = 30.0  # on SIGTERM, the longest wait for requests in flight
     allowed_hosts: tuple[str, ...] = default_allowed_hosts()
@@ -74,7 +74,9 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_batch", "max_pending", "max_body_bytes", "max_images", "max_image_pixels", "decode_threads",
-                    "large_decodes", "request_timeout_s", "header_timeout_s", "body_timeout_s", "keep_alive_s")
+                    "large_decodes", "request_timeout_s", "header_timeout_s", "keep_alive_s")
+        if self.body_timeout_s is not None:
+            positive += ("body_timeout_s",)
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"serve setting {name} must be above 0, got {getattr(self, name)!r}")
@@ -258,7 +260,8 @@ def create_app(
     )
     app.state.batcher, app.state.decoder, app.state.metrics, app.state.serve_config = batcher, decoder, metrics, config
     # Outermost last: Host check, then counting, then the key, then the body's size and time limits.
-    app.add_middleware(BodyDeadline, timeout_s=config.body_timeout_s)
+    if config.body_timeout_s is not None:
+        app.add_middleware(BodyDeadline, timeout_s=config.body_timeout_s)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     if api_keys is not None:
         app.add_middleware(AccessControl, keys=api_keys)
