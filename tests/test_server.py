@@ -446,7 +446,7 @@ def test_a_bad_task_folder_is_skipped_with_the_reason(tasks_dir, tmp_path):
     (["--port", "0"], "--port 0 is not a port"),
     (["--max-body-mb", "-1"], "--max-body-mb -1 must be above 0"),
     (["--max-batch", "0"], "--max-batch: serve setting max_batch must be above 0"),
-    (["--api-key-file", "MISSING"], "MISSING"),
+    (["--api-key-file", "MISSING"], "--api-key-file MISSING not found"),
 ])
 def test_serve_refuses_bad_settings_in_one_line(tasks_dir, args, message):
     from typer.testing import CliRunner

@@ -58,6 +58,8 @@ def read_api_keys(path: str | Path) -> ApiKeys:
     """Keys from ``path``: ``KEY [TASK ...]`` per line (tasks separated by spaces or commas);
     blank lines and ``#`` comments are skipped. Errors name the line, never the key."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--api-key-file {path} not found: give a file with one key per line")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
