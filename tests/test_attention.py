@@ -1,7 +1,7 @@
 """The shared mechanism: the key-value path equals the literal token path (outputs and
 gradients), both equal an independent implementation on timm's own blocks, the inference
 cache is exact and invalidated when prompts change, APT and E2VPT equal direct transcriptions
-of REFERENCE.md, and prompts never enter an average-pooled feature except through attention."""
+of docs/methods.md, and prompts never enter an average-pooled feature except through attention."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def assert_paths_agree(kv_model: vptune.PromptModel, images: torch.Tensor) -> No
 
 
 def literal_vpt(backbone, prompts: dict[int, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-    """REFERENCE.md section 1 literally: before block i in ``prompts`` the prompt slot (after the
+    """docs/methods.md's VPT-deep literally: before block i in ``prompts`` the prompt slot (after the
     prefix tokens) is overwritten by ``prompts[i]``; timm's own blocks run the whole sequence;
     prompt outputs are dropped before the backbone's own norm and pooling."""
     x = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(images))))
@@ -381,7 +381,7 @@ def test_train_clears_cache(cached_model):
     assert not any(m.training for m in cached_model.backbone.modules())
 
 
-# --- 5. single-block transcriptions of REFERENCE.md -----------------------------------------
+# --- 5. single-block transcriptions of docs/methods.md -----------------------------------------
 
 
 def explicit_attention(attn, u: torch.Tensor, extra_k=None, extra_v=None) -> torch.Tensor:

@@ -259,7 +259,7 @@ def test_import_timm_before_vptune():
     assert result.stdout.strip() == "(1, 3)"
 
 
-# --- initialisation (REFERENCE.md) --------------------------------------------------------------
+# --- initialisation (docs/methods.md) ---------------------------------------------------------
 
 
 def test_initialisation_follows_the_reference():

@@ -276,7 +276,7 @@ def sweep(
     tracker: str = typer.Option("none", help="Every run also logs to: none, tensorboard (RUN/tensorboard) or mlflow."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: one SQLite store for the sweep, OUT/mlflow.db)."),
 ) -> None:
-    """Search lr x wd on val, retrain the winner on train+val with each seed, report test (REFERENCE.md 1)."""
+    """Search lr x wd on val, retrain the winner on train+val with each seed, report test (docs/methods.md, the reproduction protocol)."""
     require("sweep", purpose="vptune sweep")
     from vptune.sweep import SweepConfig, SweepInterrupted, run_sweep
     from vptune.train import TrainConfig

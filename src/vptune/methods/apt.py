@@ -1,4 +1,5 @@
-"""APT: Approximated Prompt Tuning (Wu et al., arXiv 2306.15706), REFERENCE.md section 3.
+"""APT: Approximated Prompt Tuning (Wu et al., arXiv 2306.15706); docs/methods.md,
+"APT: approximated prompt tuning".
 
 Softmax attention over [X; P] splits into the input-only attention and a prompt term
 weighted by the attention mass the prompts take. APT keeps the frozen attention untouched

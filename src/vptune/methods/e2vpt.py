@@ -1,4 +1,5 @@
-"""E2VPT: Effective and Efficient Visual Prompt Tuning (Han et al., ICCV 2023), REFERENCE.md section 2.
+"""E2VPT: Effective and Efficient Visual Prompt Tuning (Han et al., ICCV 2023);
+docs/methods.md, "E2VPT: key-value prompts and pruning".
 
 Deep visual prompts (VPT-deep, on the key-value path by default) plus, in every block,
 key-value prompts appended after the K/V projections directly in per-head space, shape

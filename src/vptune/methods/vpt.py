@@ -1,4 +1,5 @@
-"""VPT: Visual Prompt Tuning (Jia et al., ECCV 2022), REFERENCE.md section 1.
+"""VPT: Visual Prompt Tuning (Jia et al., ECCV 2022); docs/methods.md, "VPT: visual
+prompt tuning".
 
 Learnable prompt tokens P_i (p x d) enter the token sequence after the prefix tokens
 (CLS, registers) and get no position embedding. Shallow: one set before block 1 that flows

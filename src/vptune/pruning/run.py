@@ -1,4 +1,5 @@
-"""Pruning a trained run, as ``vptune prune`` does it (REFERENCE.md section 2).
+"""Pruning a trained run, as ``vptune prune`` does it (docs/methods.md, "E2VPT: key-value
+prompts and pruning").
 
 1. Load the run and its data, measure it ("before").
 2. Score the prompt tokens in one pass; prune the lowest at the given token rate, or search it.

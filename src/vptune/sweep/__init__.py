@@ -1,4 +1,5 @@
-"""The papers' protocol in one call, on Ray Tune (REFERENCE.md section 1).
+"""The papers' protocol in one call, on Ray Tune (docs/methods.md, "Recipes and the
+reproduction protocol").
 
 ``run_sweep`` searches the learning-rate x weight-decay (x prompt length) grid of every task,
 scoring val at the last epoch; retrains each task's winner on train+val with every seed and

@@ -1,4 +1,5 @@
-"""The reproduction protocol of VPT and E2VPT (REFERENCE.md section 1), without Ray.
+"""The reproduction protocol of VPT and E2VPT (docs/methods.md, "Recipes and the reproduction
+protocol"), without Ray.
 
 A sweep is a set of runs: for every task and grid point one search run (train on train,
 score val at the last epoch), then for every task the winner retrained on train+val with
