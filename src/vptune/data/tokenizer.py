@@ -16,7 +16,6 @@ The call shape is transformers' (``input_ids``, ``attention_mask``), and
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from importlib import resources
 from pathlib import Path
@@ -24,9 +23,10 @@ from typing import Any
 
 import torch
 
+from .texts import words
+
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 VOCAB_FILE = "minivl_vocab.json"
-_WORD = re.compile(r"[\w\-]+|[^\w\-\s]")  # as texts.words; the transformers version uses the same rule
 
 
 class WordTokenizer:
@@ -61,7 +61,7 @@ class WordTokenizer:
         return len(self.tokens)
 
     def tokenize(self, text: str) -> list[str]:
-        return _WORD.findall(text.lower())
+        return words(text)
 
     def encode(self, text: str) -> list[int]:
         """``[CLS] ids [SEP]``, not truncated."""
@@ -112,7 +112,7 @@ class WordTokenizer:
 
         backend = Tokenizer(WordLevel(self.vocab, unk_token="[UNK]"))
         backend.normalizer = normalizers.Lowercase()
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
+        backend.pre_tokenizer = pre_tokenizers.Sequence(  # the rule of texts.words
             [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(r"[^\w\-]"), behavior="isolated")])
         backend.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -132,7 +132,7 @@ def mask_tokens(input_ids: torch.Tensor, tokenizer: WordTokenizer, probability: 
     labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
     draw = torch.rand(input_ids.shape, generator=generator)
     ordinary = torch.tensor([i for i in range(len(tokenizer)) if i not in tokenizer.special_ids])
-    words = ordinary[torch.randint(len(ordinary), input_ids.shape, generator=generator)]
+    random_words = ordinary[torch.randint(len(ordinary), input_ids.shape, generator=generator)]
     masked = torch.where(chosen & (draw < 0.8), torch.full_like(input_ids, tokenizer.mask_token_id), input_ids)
-    masked = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), words, masked)
+    masked = torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_words, masked)
     return masked, labels
