@@ -137,6 +137,13 @@ MUTANTS = [
         ("tests/test_sweep.py", "-k", "asha"),
     ),
     Mutant(
+        "a run read back on other backbone weights is not refused",
+        "model.py",
+        "if not allow_other_weights:",
+        "if False:",
+        ("tests/test_model.py", "tests/test_server.py", "-k", "other_backbone_weights"),
+    ),
+    Mutant(
         "APT weight w not detached",
         "methods/apt.py",
         "scores.amax(dim=-1, keepdim=True).detach()",

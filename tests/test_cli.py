@@ -191,3 +191,9 @@ def test_a_run_folder_made_on_other_backbone_weights_is_refused(trained, workspa
         result = runner.invoke(app, [str(a) for a in args], terminal_width=300)
         assert result.exit_code == 1, result.output
         assert "was made on other backbone weights" in result.output and recorded in result.output
+    # Reading the run back is refused the same way: eval and predict (serve: test_server).
+    image = next((workspace / "images" / "test").rglob("*.png"))
+    for args in (("eval", "--run", trained, "--data", f"imagefolder:{workspace / 'images'}"), ("predict", "--run", trained, image)):
+        result = runner.invoke(app, [str(a) for a in (*args, "--weights", other)], terminal_width=300)
+        assert result.exit_code == 1, result.output
+        assert "was made on other backbone weights" in result.output and recorded in result.output

@@ -106,10 +106,15 @@ def test_loading_into_another_timm_architecture_names_it(tmp_path):
         vptune.PromptModel.from_pretrained(timm.create_model("deit_small_patch16_224", **small), tmp_path)
 
 
-def test_other_backbone_weights_warn(tmp_path):
-    trained(tiny_vit(seed=0), vptune.VPTConfig(num_prompts=3)).save_pretrained(tmp_path)
-    with pytest.warns(UserWarning, match="other than these"):
+def test_other_backbone_weights_are_refused_unless_allowed(tmp_path):
+    model = trained(tiny_vit(seed=0), vptune.VPTConfig(num_prompts=3))
+    model.save_pretrained(tmp_path)
+    recorded = json.loads((tmp_path / "config.json").read_text())["backbone_weights"]
+    with pytest.raises(ValueError, match=f"made on other backbone weights \\(fingerprint {recorded}, .*--weights FILE"):
         vptune.PromptModel.from_pretrained(tiny_vit(seed=1), tmp_path)
+    with pytest.warns(UserWarning, match="made on other backbone weights"):
+        loaded = vptune.PromptModel.from_pretrained(tiny_vit(seed=1), tmp_path, allow_other_weights=True)
+    assert torch.equal(loaded.tuned_state_dict()["method.prompt_embeddings"], model.tuned_state_dict()["method.prompt_embeddings"])
 
 
 @pytest.fixture

@@ -60,6 +60,16 @@ def test_load_tasks_skips_what_it_cannot_serve(served, tmp_path):
         load_tasks(tiny_vit(), tmp_path / "missing")
 
 
+def test_a_task_made_on_other_backbone_weights_is_refused(tmp_path):
+    """Serving reads runs back like eval and predict: a run made on other weights of the same
+    architecture is skipped with the reason, not served with tensors that do not fit."""
+    make_run(tiny_vit(), "vpt-deep", dict(num_prompts=2), 3, tmp_path / "ours", 0)
+    make_run(tiny_vit(seed=1), "vpt-deep", dict(num_prompts=2), 3, tmp_path / "theirs", 1)
+    model, skipped = load_tasks(tiny_vit(), tmp_path)
+    assert model.task_names == ["ours"]
+    assert len(skipped) == 1 and skipped[0].startswith("theirs: ") and "made on other backbone weights" in skipped[0]
+
+
 def test_health_tasks_and_docs(served):
     server, _, _ = served
     with httpx.Client(base_url=server.url, timeout=TIMEOUT) as client:

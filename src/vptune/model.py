@@ -137,19 +137,27 @@ class PromptModel(nn.Module):
         os.replace(tmp, directory / CONFIG_FILE)
 
     @classmethod
-    def from_pretrained(cls, backbone: nn.Module, directory: str | os.PathLike) -> "PromptModel":
-        """Rebuild a saved run on ``backbone``, refusing (with the reason) one that does not fit it."""
+    def from_pretrained(
+        cls, backbone: nn.Module, directory: str | os.PathLike, *, allow_other_weights: bool = False
+    ) -> "PromptModel":
+        """Rebuild a saved run on ``backbone``, refusing (with the reason) one that does not fit it:
+        another architecture, or other weights of the same architecture (its tuned tensors were fitted
+        to the weights it was made on; ``allow_other_weights=True`` loads it anyway, with a warning)."""
         directory = Path(directory)
         run = read_run_config(directory)
-        check_compatible(run, family_of(backbone), directory)
+        family = family_of(backbone)
+        check_compatible(run, family, directory)
+        saved, here = run.get("backbone_weights"), family.fingerprint()
+        if saved not in (None, here):
+            message = (
+                f"run folder {directory} was made on other backbone weights (fingerprint {saved}, these are {here}): "
+                "same architecture, other values, so its tuned tensors do not fit them"
+            )
+            if not allow_other_weights:
+                raise ValueError(f"{message}; pass the weights it was made with (--weights FILE)")
+            warnings.warn(message, stacklevel=2)
         model = cls(backbone, config_from_dict(run["method_config"]), run["num_classes"])
         model.metadata = run.get("metadata", {})
-        if run.get("backbone_weights") not in (None, model.backbone_fingerprint):
-            warnings.warn(
-                f"{directory} was trained on backbone weights other than these "
-                "(same architecture, different patch embedding): its accuracy will not carry over",
-                stacklevel=2,
-            )
         model.load_tuned_state_dict(read_weights(directory), source=str(directory / WEIGHTS_FILE))
         return model.to(next(backbone.parameters()).device)
 
