@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup demo test fashion-mnist clean check-core-install
+.PHONY: setup demo test mutants fashion-mnist clean check-core-install
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Plants representative bugs in a copy of src/ and checks that the tests catch each (not part of `make test`).
+mutants: setup
+	$(PY) scripts/mutants.py
 
 # `pip install vptune` without extras into a fresh venv (pinned torch), then train a prompt
 # model and check that no optional library is installed or imported (a few minutes; `make test`

@@ -144,6 +144,20 @@ MUTANTS = [
         ("tests/test_model.py", "tests/test_server.py", "-k", "other_backbone_weights"),
     ),
     Mutant(
+        "vptune demo ignores --epochs",
+        "cli.py",
+        'settings = {**({} if epochs is None else {"epochs": epochs}), **tracking_settings(tracker, tracking_uri, out)}',
+        "settings = {**tracking_settings(tracker, tracking_uri, out)}",
+        ("tests/test_compare.py", "-k", "demo_command"),
+    ),
+    Mutant(
+        "vptune benchmark mini ignores --lrs",
+        "cli.py",
+        "rows = benchmark(task_list, recipes, out, lr_factors=factors,",
+        "rows = benchmark(task_list, recipes, out, lr_factors=(1.0,),",
+        ("tests/test_compare.py", "-k", "benchmark_mini_command"),
+    ),
+    Mutant(
         "APT weight w not detached",
         "methods/apt.py",
         "scores.amax(dim=-1, keepdim=True).detach()",

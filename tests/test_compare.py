@@ -140,3 +140,46 @@ def test_demo_without_the_bundled_weights_says_how_to_create_them(tmp_path, monk
     monkeypatch.setattr("vptune.backbones.loading.bundled_weights_path", lambda: tmp_path / "missing.safetensors")
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--methods", "linear"])
     assert result.exit_code == 1 and "vptune pretrain" in result.output
+
+
+def test_demo_command_end_to_end(workspace, tmp_path):
+    """`vptune demo` with a data spec, two methods and one epoch: every run trained once, its figures
+    printed and in report.md, both plots written."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", out, "--tasks", f"imagefolder:{workspace / 'images'}", "--methods", "linear,vpt-deep",
+            "--epochs", 1, "--weights", workspace / "backbone.safetensors", "--threads", 1]
+    result = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    report = (out / "report.md").read_text()
+    for method in ("linear", "vpt-deep"):
+        metrics = json.loads((out / "runs" / "images" / method / "metrics.json").read_text())
+        assert metrics["epochs"] == 1 and metrics["method"] == method
+        line = next(line for line in report.splitlines() if line.startswith(f"| images | {method} |"))
+        assert f"{metrics['test_top1']:.1f}" in line
+        assert f"images {method}: test top-1 {metrics['test_top1']:.2f}%" in result.output
+    for plot in (ACCURACY_PLOT, CURVES_PLOT):
+        assert (out / plot).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_benchmark_mini_command_end_to_end(workspace, tmp_path):
+    """`vptune benchmark mini`: the lr searched on val, the winner retrained, the results block written
+    into the given markdown file (the rest kept); a rerun reads the runs back and trains nothing."""
+    out, results = tmp_path / "bench", tmp_path / "results.md"
+    results.write_text("# Results\n\nkept\n")
+    args = ["benchmark", "mini", "--tasks", f"imagefolder:{workspace / 'images'}", "--methods", "linear", "--lrs", "1,3",
+            "--epochs", 1, "--weights", workspace / "backbone.safetensors", "--out", out, "--results", results, "--threads", 1]
+    result = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    base = out / "runs" / "images" / "linear"
+    lr = RECIPES["linear"].train.lr
+    vals = {f: json.loads((base / f"search-lr{lr * f:g}" / "metrics.json").read_text())["val_top1"] for f in (1, 3)}
+    best = max(vals, key=lambda f: (vals[f], -f))
+    final = json.loads((base / f"final-lr{lr * best:g}" / "metrics.json").read_text())
+    assert final["final"] and final["epochs"] == 1
+    text = results.read_text()
+    assert text.startswith("# Results\n") and text.endswith("\nkept\n") and text.count(BEGIN) == text.count(END) == 1
+    assert f"{final['test_top1']:.1f}" in next(line for line in text.splitlines() if line.startswith("| images | linear |"))
+    stamp = (base / f"final-lr{lr * best:g}" / "metrics.json").stat().st_mtime_ns
+    again = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200)
+    assert again.exit_code == 0, again.output
+    assert (base / f"final-lr{lr * best:g}" / "metrics.json").stat().st_mtime_ns == stamp
