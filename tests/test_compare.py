@@ -157,6 +157,8 @@ def test_demo_command_end_to_end(workspace, tmp_path):
         line = next(line for line in report.splitlines() if line.startswith(f"| images | {method} |"))
         assert f"{metrics['test_top1']:.1f}" in line
         assert f"images {method}: test top-1 {metrics['test_top1']:.2f}%" in result.output
+        recorded = next(r for r in json.loads((out / "report.json").read_text()) if r["method"] == method)
+        assert recorded["test_top1"] == metrics["test_top1"]
     for plot in (ACCURACY_PLOT, CURVES_PLOT):
         assert (out / plot).read_bytes().startswith(PNG_MAGIC)
 
@@ -179,6 +181,8 @@ def test_benchmark_mini_command_end_to_end(workspace, tmp_path):
     text = results.read_text()
     assert text.startswith("# Results\n") and text.endswith("\nkept\n") and text.count(BEGIN) == text.count(END) == 1
     assert f"{final['test_top1']:.1f}" in next(line for line in text.splitlines() if line.startswith("| images | linear |"))
+    (recorded,) = json.loads(results.with_suffix(".json").read_text())  # the figures' source, beside them
+    assert recorded["test_top1"] == final["test_top1"] and recorded["lr"] == pytest.approx(lr * best)
     stamp = (base / f"final-lr{lr * best:g}" / "metrics.json").stat().st_mtime_ns
     again = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200)
     assert again.exit_code == 0, again.output

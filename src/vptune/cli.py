@@ -633,7 +633,7 @@ def benchmark_mini(
     from vptune.backbones import BUNDLED_BACKBONE
     from vptune.compare import BENCHMARK_METHODS, benchmark, recipes_for
     from vptune.data import MINI_TASKS
-    from vptune.report import results_mini_block, rich_table, write_results_mini
+    from vptune.report import results_mini_block, rich_table, write_results_mini, write_rows_json
 
     task_list = comma_list(tasks) or list(MINI_TASKS)
     factors = parse_grid(lrs, float, "--lrs")
@@ -646,6 +646,7 @@ def benchmark_mini(
         block = results_mini_block(rows, recipes, command=invocation(), lr_factors=factors, backbone=BUNDLED_BACKBONE,
                                    wall_time_s=time.perf_counter() - started, complete=len(rows) == total)
         write_results_mini(results, block)
+        write_rows_json(rows, results.with_suffix(".json"))  # what the block's figures were read from
 
     def on_run(row: dict[str, Any]) -> None:
         done.append(row)

@@ -7,6 +7,7 @@ Every function takes the rows that ``compare``/``benchmark`` return; nothing her
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 from datetime import datetime, timezone
@@ -189,12 +190,14 @@ def write_demo_report(
     out.mkdir(parents=True, exist_ok=True)
     plot_accuracy_vs_params(rows, out / ACCURACY_PLOT)
     plot_curves(rows, out / CURVES_PLOT)
+    write_rows_json(rows, out / "report.json")
     text = f"""# vptune demo: prompt tuning vs baselines on the mini-benchmark
 
 - Command: `{command}`
 - Backbone: `{backbone}` (frozen except where the method tunes it)
 - Machine: {machine()}
 - Date: {now()}; total wall time {wall_time_s / 60:.1f} min
+- Every figure below, per run: `report.json` next to this file
 
 Each method is trained once on each task's 800 training images with the fixed recipe below
 (no tuning on test), then scored on the 200 val images and the test images. "train s" is the
@@ -259,6 +262,17 @@ per image over the frozen backbone with a linear head (of the model as run, LoRA
 ### Recipes (before the lr factor)
 {recipes_table(recipes)}
 {END}"""
+
+
+def write_rows_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The rows a report's figures were read from, as JSON beside the report: what a committed
+    figure points back to (every run's metrics, lr search and folder)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(list(rows), indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def write_results_mini(path: Path, block: str) -> Path:
