@@ -127,3 +127,35 @@ def test_core_alone_trains_and_names_the_extras(tmp_path):
         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)},
     )
     assert result.returncode == 0 and "core-only check passed" in result.stdout, result.stdout + result.stderr
+
+
+def test_the_extras_named_by_commands_are_the_ones_pyproject_declares():
+    """vptune.extras.EXTRAS (what a command checks and names) against pyproject.toml (what pip installs)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    from vptune.extras import EXTRAS
+
+    declared = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(EXTRAS) | {"all", "dev"} == set(declared)
+    assert Requirement(declared["all"][0]).extras == set(EXTRAS)
+    for extra, modules in EXTRAS.items():
+        names = {Requirement(text).name.lower() for text in declared[extra]}
+        assert {Requirement(req).name.lower() for req in modules.values()} <= names, extra
+
+
+def test_a_missing_extra_is_named_with_its_pip_command(monkeypatch):
+    import pytest
+
+    import vptune.extras
+    from vptune.extras import MissingExtra, require
+
+    monkeypatch.setattr(vptune.extras, "installed", lambda module: module not in ("ray", "multipart"))
+    with pytest.raises(MissingExtra, match=r'^vptune sweep needs ray\[tune\], which is not installed here: pip install "vptune\[sweep\]"$'):
+        require("sweep", purpose="vptune sweep")
+    with pytest.raises(MissingExtra, match=r'needs python-multipart, .*pip install "vptune\[serve\]"'):
+        require("serve", purpose="vptune serve")
+    require("serve", "fastapi", purpose="only fastapi")  # the modules asked for are there
+    with pytest.raises(ValueError, match="unknown extra 'plots'; the extras are: sweep, serve"):
+        require("plots", purpose="x")

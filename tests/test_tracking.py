@@ -25,7 +25,7 @@ def workspace(tmp_path_factory):
     return two_class_workspace(tmp_path_factory.mktemp("tracking"), train=4, size=16)
 
 
-def train(workspace, out, *extra):
+def train(workspace, out, *extra, exit_code=0):
     """vptune train: 3 epochs of 2 steps (8 images, batch 4), val every epoch."""
     args = [
         "train", "--method", "vpt-deep", "--num-prompts", 2, "--data", f"imagefolder:{workspace / 'images'}",
@@ -33,7 +33,7 @@ def train(workspace, out, *extra):
         "--lr", 0.05, "--warmup-epochs", 1, "--eval-every", 1, "--device", "cpu", *extra,
     ]
     result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == exit_code, result.output
     return out
 
 
@@ -179,3 +179,30 @@ def test_every_trial_of_a_sweep_logs_into_one_mlflow_store(workspace):
             assert series["epoch/train_loss"] == {2: pytest.approx(curve(folder)[0]["train_loss"], rel=1e-12)}
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_a_killed_run_resumes_into_the_same_mlflow_run_without_repeated_steps(workspace, monkeypatch):
+    import vptune.train.loop as loop
+
+    real_save, saves = loop.save_epoch, []
+
+    def killed_in_epoch_two(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # epoch 2's steps 3 and 4 were logged, its checkpoint never written
+            raise KeyboardInterrupt
+        return real_save(*args, **kwargs)
+
+    out = workspace / "ml-resume"
+    monkeypatch.setattr(loop, "save_epoch", killed_in_epoch_two)
+    train(workspace, out, "--tracker", "mlflow", exit_code=130)  # interrupted: the checkpoint is kept
+    client, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}")
+    assert runs[0].info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "step/train_loss")] == [1, 2, 3, 4]
+    monkeypatch.setattr(loop, "save_epoch", real_save)
+    train(workspace, out, "--tracker", "mlflow", "--resume")
+
+    client, runs = mlflow_runs(f"sqlite:///{out / 'mlflow.db'}")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    history = client.get_metric_history(runs[0].info.run_id, "step/train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]  # steps 3 and 4 once, not twice
+    check_against_curve(mlflow_series(client, runs[0].info.run_id), out, rel=1e-12)

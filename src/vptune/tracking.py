@@ -18,7 +18,8 @@ What is logged, on the optimiser-step axis (curve.csv's ``step``):
 TensorBoard writes event files into ``RUN/tensorboard/``. MLflow logs to ``tracking_uri``,
 by default an SQLite store in the run folder (``RUN/mlflow.db``: MLflow 3 refuses its older
 plain-file store unless told otherwise), experiment ``vptune``, one MLflow run per run
-folder; a resumed run continues the same MLflow run (its id is kept in ``RUN/mlflow-run-id``).
+folder; a resumed run continues the same MLflow run (its id is kept in ``RUN/mlflow-run-id``)
+without repeating the steps the killed run had logged.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class MLflowTracker:
         self.out, self.params, self.tracking_uri, self.resume = Path(out), dict(params), tracking_uri, resume
         self.client: Any = None
         self.run_id: str | None = None
+        self.logged: dict[str, int] = {}  # resumed: the last step of each metric the killed run logged
 
     def start(self) -> None:
         from mlflow.entities import Param
@@ -143,6 +145,8 @@ class MLflowTracker:
         if self.resume and id_file.is_file():
             self.run_id = id_file.read_text().strip()
             self.client.update_run(self.run_id, status="RUNNING")
+            for key in self.client.get_run(self.run_id).data.metrics:
+                self.logged[key] = max(m.step for m in self.client.get_metric_history(self.run_id, key))
             return
         experiment = self.client.get_experiment_by_name(EXPERIMENT)
         experiment_id = experiment.experiment_id if experiment else create_experiment(self.client)
@@ -159,7 +163,11 @@ class MLflowTracker:
         if self.run_id is None:
             self.start()
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+        # A resumed run repeats the steps the killed run made after its last checkpoint (with the
+        # same values: resuming is exact); MLflow keeps every point, so those are not sent again.
+        fresh = [Metric(key, float(value), now, step) for key, value in metrics.items() if step > self.logged.get(key, -1)]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
 
     def close(self, failed: bool = False) -> None:
         if self.run_id is not None:
