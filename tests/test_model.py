@@ -45,7 +45,8 @@ def trained(backbone, config) -> vptune.PromptModel:
 
 
 def test_methods_cover_every_method():
-    assert {c.method_name() for c in METHODS} == set(vptune.METHOD_NAMES)
+    # coop is text-side only (a CLIP backbone's text tower): tests/test_clip_heads.py covers it
+    assert {c.method_name() for c in METHODS} == set(vptune.METHOD_NAMES) - {"coop"}
 
 
 @pytest.mark.parametrize("config", METHODS, ids=lambda c: c.method_name())

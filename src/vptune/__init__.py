@@ -27,6 +27,7 @@ _EXPORTS = {
     ),
     "PromptModel": ".model",
     "prompt_model": ".model",
+    "HeadConfig": ".heads",
     "MultiTaskModel": ".serve",
 }
 
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
         METHOD_NAMES, APTConfig, BiasConfig, E2VPTConfig, FullConfig, LinearConfig, LoRAConfig, MethodConfig,
         MLPConfig, PartialConfig, VPTConfig, config_for, config_from_dict,
     )
+    from .heads import HeadConfig
     from .model import PromptModel, prompt_model
     from .serve import MultiTaskModel
 

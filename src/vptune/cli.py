@@ -87,6 +87,13 @@ def train(
     dropout: Optional[float] = typer.Option(None, help="Prompt or LoRA dropout."),
     path: Optional[str] = typer.Option(None, help="Prompt path: kv (fast, exact) or tokens."),
     option: list[str] = typer.Option([], "--option", "-o", help="Any other method field as KEY=VALUE (JSON value)."),
+    head: Optional[str] = typer.Option(None, help="random, text (CLIP's zero-shot classifier; default on CLIP backbones) or coop."),
+    templates: Optional[str] = typer.Option(None, help="Text head prompts: openai, simple, or one template with {} (default: the backbone's)."),
+    text_prompts: Optional[str] = typer.Option(None, help="coop: add CoOp's learned text prompts to any image-side method."),
+    n_ctx: Optional[int] = typer.Option(None, help="CoOp context vectors (16)."),
+    class_specific: Optional[bool] = typer.Option(None, "--class-specific/--unified", help="CoOp: one context per class, or one shared."),
+    ctx_init: Optional[str] = typer.Option(None, help="CoOp: words whose embeddings start the context (as many as --n-ctx)."),
+    shots: Optional[int] = typer.Option(None, help="Train on K images per class, drawn with --seed (fewer: all, with a warning)."),
     epochs: int = typer.Option(10, help="Training epochs."),
     batch_size: int = typer.Option(64, help="Images per step (per micro-batch with --grad-accum)."),
     lr: float = typer.Option(0.1, help="Learning rate (base lr with --scale-lr)."),
@@ -110,9 +117,13 @@ def train(
     from vptune.train import TrainConfig, train_run
     from vptune.train.distributed import process_group_from_env
 
-    options = method_options(
-        method, dict(num_prompts=num_prompts, num_kv_prompts=num_kv_prompts, rank=rank, dropout=dropout, path=path), option
-    )
+    coop = {k: v for k, v in dict(n_ctx=n_ctx, class_specific=class_specific, ctx_init=ctx_init).items() if v is not None}
+    named = dict(num_prompts=num_prompts, num_kv_prompts=num_kv_prompts, rank=rank, dropout=dropout, path=path)
+    options = method_options(method, {**named, **(coop if method == "coop" else {})}, option)
+    if text_prompts not in (None, "coop"):
+        raise ValueError(f"--text-prompts must be coop, got {text_prompts!r}")
+    if coop and method != "coop" and text_prompts is None:
+        raise ValueError("--n-ctx, --class-specific and --ctx-init are CoOp's: use --method coop or --text-prompts coop")
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
         warmup_epochs=warmup_epochs, scale_lr=scale_lr, precision=precision, seed=seed, grad_accum=grad_accum,
@@ -122,7 +133,9 @@ def train(
     try:
         with process_group_from_env(cfg.torch_device()) as main:  # DistributedDataParallel under torchrun
             metrics = train_run(
-                backbone, method, options, data, out, cfg, weights=weights, pretrained=pretrained, final=final, resume=resume
+                backbone, method, options, data, out, cfg, weights=weights, pretrained=pretrained, final=final, resume=resume,
+                head=head, templates=templates, text_prompts=None if text_prompts is None else {"kind": "coop", **coop},
+                shots=shots,
             )
     except KeyboardInterrupt:
         err_console.print(f"[bold red]interrupted:[/] the last checkpoint in {escape(str(out))} is kept; "
@@ -186,6 +199,28 @@ def predict(
     if failed:
         err_console.print(f"[bold red]error:[/] {failed} of {len(results)} images could not be read")
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def zeroshot(
+    out: Path = typer.Option(..., help="Run folder for the zero-shot classifier (servable by vptune serve)."),
+    backbone: str = typer.Option("vptune_clip_fmnist", help="A CLIP: open_clip:NAME/TAG or the bundled vptune_clip_fmnist."),
+    data: Optional[str] = typer.Option(None, help="Data SPEC: class names from it, val/test top-1 measured."),
+    classes: Optional[str] = typer.Option(None, help="Comma-separated class names (instead of --data)."),
+    templates: Optional[str] = typer.Option(None, help="openai, simple, or one template with {} (default: the backbone's)."),
+    weights: Optional[Path] = typer.Option(None, help="Local CLIP weights (.safetensors, .pt)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Unused for open_clip specs (the TAG picks the weights)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Write CLIP's zero-shot classifier (text embeddings of the class names) as a run folder."""
+    from vptune.train.run import zeroshot_run
+
+    metrics = zeroshot_run(backbone, out, data=data, classes=None if classes is None else classes.split(","),
+                           templates=templates, weights=weights, pretrained=pretrained, device=device)
+    score = "" if metrics["test_top1"] is None else f": test top-1 [bold]{metrics['test_top1']:.2f}%[/]"
+    console.print(f"zero-shot classifier for {len(metrics['class_names'])} classes{score}")
+    console.print(f"run folder: {out}")
 
 
 # --- bench --------------------------------------------------------------------------------
@@ -327,24 +362,42 @@ def sweep(
 @app.command()
 @user_errors
 def pretrain(
-    out: Optional[Path] = typer.Option(None, help="Folder for the weights and MODEL_CARD.md (default: the package's)."),
-    epochs: int = typer.Option(2, help="Passes over the 60,000 Fashion-MNIST training images."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the weights and model card (default: the package's)."),
+    arch: str = typer.Option("vit", help="vit: the bundled ViT on Fashion-MNIST; clip: the bundled CLIP on captioned canvases."),
+    epochs: int = typer.Option(2, help="Passes over the 60,000 Fashion-MNIST training images (vit)."),
+    steps: int = typer.Option(300, help="Contrastive steps (clip)."),
     batch_size: int = typer.Option(128),
-    lr: float = typer.Option(1e-3, help="Peak AdamW learning rate."),
+    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (vit 1e-3; clip: text side 2e-3)."),
+    image_lr: float = typer.Option(2e-4, help="Peak learning rate of the unlocked image blocks (clip)."),
+    unlocked_blocks: int = typer.Option(2, help="Last image blocks tuned; the others stay locked (clip)."),
     weight_decay: float = typer.Option(0.05),
-    warmup_steps: int = typer.Option(200),
+    warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (vit 200, clip 30)."),
     label_smoothing: float = typer.Option(0.1),
     seed: int = typer.Option(0),
     threads: int = typer.Option(2, help="CPU threads."),
     work_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the cache); a rerun resumes there."),
 ) -> None:
-    """Pretrain the bundled backbone (vptune_vit_fmnist) on Fashion-MNIST and write its weights and model card."""
+    """Pretrain a bundled model (vptune_vit_fmnist, or vptune_clip_fmnist with --arch clip) and write its weights and model card."""
     from vptune.backbones.bundled import bundled_weights_path
+
+    if arch == "clip":
+        from vptune.backbones.pretrain_clip import pretrain_clip
+
+        figures = pretrain_clip(
+            out or bundled_weights_path().parent, steps=steps, batch_size=batch_size, lr=lr or 2e-3, image_lr=image_lr,
+            unlocked_blocks=unlocked_blocks, weight_decay=weight_decay, warmup_steps=30 if warmup_steps is None else warmup_steps,
+            seed=seed, threads=threads, work_dir=work_dir,
+        )
+        console.print("zero-shot top-1: " + ", ".join(f"{k} {v:.1f}%" for k, v in figures["zero_shot"].items()))
+        return
+    if arch != "vit":
+        raise ValueError(f"--arch must be vit or clip, got {arch!r}")
     from vptune.backbones.pretrain import pretrain as run_pretrain
 
     results = run_pretrain(
-        out or bundled_weights_path().parent, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-        warmup_steps=warmup_steps, label_smoothing=label_smoothing, seed=seed, threads=threads, work_dir=work_dir,
+        out or bundled_weights_path().parent, epochs=epochs, batch_size=batch_size, lr=lr or 1e-3, weight_decay=weight_decay,
+        warmup_steps=200 if warmup_steps is None else warmup_steps, label_smoothing=label_smoothing, seed=seed,
+        threads=threads, work_dir=work_dir,
     )
     console.print(f"Fashion-MNIST test top-1 {results['test_accuracy'] * 100:.2f}% in {results['wall_time_min']:.1f} min")
 

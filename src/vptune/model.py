@@ -7,6 +7,7 @@ instance. The backbone is frozen and kept in eval mode.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .backbones.family import Family, family_of
+from .heads import HeadConfig, build_head
 from .methods import MethodConfig, config_from_dict
 
 CONFIG_FILE = "config.json"
@@ -41,7 +43,14 @@ def make_head(in_dim: int, num_classes: int, hidden_layers: int = 0) -> nn.Modul
 
 
 class PromptModel(nn.Module):
-    def __init__(self, backbone: nn.Module, config: MethodConfig, num_classes: int) -> None:
+    """``head`` (a ``vptune.heads.HeadConfig``) picks the head: vptune's random Linear (default),
+    CLIP's zero-shot classifier from the text tower, or CoOp; ``init_head=False`` leaves a text
+    head's weights to be loaded."""
+
+    def __init__(
+        self, backbone: nn.Module, config: MethodConfig, num_classes: int, head: HeadConfig | None = None,
+        *, init_head: bool = True,
+    ) -> None:
         super().__init__()
         family = family_of(backbone)
         if num_classes < 1:
@@ -55,7 +64,11 @@ class PromptModel(nn.Module):
         self.method = config.build(family)
         self.backbone = self.method.prepare_backbone(backbone)
         self.family: Family = family if self.backbone is backbone else family_of(self.backbone)
-        self.head = make_head(family.num_features, num_classes, config.head_hidden_layers())
+        self.head_config = head or HeadConfig()
+        implied = getattr(config, "text_prompts", None)  # a text-side method (CoOp) implies its head
+        if implied is not None:
+            self.head_config = dataclasses.replace(self.head_config, **implied())
+        self.head = build_head(self.head_config, self.family, num_classes, config.head_hidden_layers(), initialise=init_head)
         self.metadata: dict[str, Any] = {}
         self.grad_checkpointing = False
 
@@ -119,6 +132,7 @@ class PromptModel(nn.Module):
             "format": FORMAT,
             "method_config": self.config.to_dict(),
             "num_classes": self.num_classes,
+            "head": self.head_config.to_dict(),
             "backbone": self.family.describe(),
             "backbone_weights": self.backbone_fingerprint,
             "metadata": self.metadata,
@@ -156,7 +170,8 @@ class PromptModel(nn.Module):
             if not allow_other_weights:
                 raise ValueError(f"{message}; pass the weights it was made with (--weights FILE)")
             warnings.warn(message, stacklevel=2)
-        model = cls(backbone, config_from_dict(run["method_config"]), run["num_classes"])
+        model = cls(backbone, config_from_dict(run["method_config"]), run["num_classes"],
+                    HeadConfig.from_dict(run.get("head")), init_head=False)
         model.metadata = run.get("metadata", {})
         model.load_tuned_state_dict(read_weights(directory), source=str(directory / WEIGHTS_FILE))
         return model.to(next(backbone.parameters()).device)
@@ -206,7 +221,7 @@ def check_compatible(run: dict[str, Any], family: Family, directory: Path) -> No
         )
 
 
-def prompt_model(backbone: nn.Module, config: MethodConfig, num_classes: int) -> PromptModel:
-    """Wrap a backbone of any supported family (timm ViT, Eva, BEiT, Swin) with a method's config
-    and a new head for ``num_classes`` classes."""
-    return PromptModel(backbone, config, num_classes)
+def prompt_model(backbone: nn.Module, config: MethodConfig, num_classes: int, head: HeadConfig | None = None) -> PromptModel:
+    """Wrap a backbone of any supported family (timm ViT, Eva, BEiT, Swin, open_clip) with a method's
+    config and a new head for ``num_classes`` classes (``head``: random Linear, text or CoOp)."""
+    return PromptModel(backbone, config, num_classes, head)

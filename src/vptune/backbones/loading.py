@@ -30,9 +30,14 @@ def load_backbone(
 
     ``spec`` is the bundled backbone's name (its shipped weights, no download), a timm model
     name (random weights, or timm's hub weights with ``pretrained=True``), or
-    ``open_clip:NAME[/TAG]`` (a whole CLIP model: open_clip's weights for TAG). ``weights`` loads
+    ``open_clip:NAME[/TAG]`` (a whole CLIP model: open_clip's weights for TAG), or the bundled CLIP
+    ``vptune_clip_fmnist``. ``weights`` loads
     a local .safetensors, .pth/.pt or big_vision .npz file instead.
     """
+    if spec == "vptune_clip_fmnist":
+        from .clip_bundled import load_bundled_clip
+
+        return load_bundled_clip(weights)
     if spec.startswith("open_clip:"):
         from .openclip import create_open_clip
 

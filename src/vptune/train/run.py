@@ -20,8 +20,10 @@ from safetensors.torch import save_file
 
 from ..backbones import BUNDLED_BACKBONE, load_backbone
 from ..backbones.family import family_of
+from ..data.shots import few_shot
 from ..data.transforms import backbone_data_config, eval_transform
 from ..flops import extra_flops
+from ..heads import head_for_run, resolve_templates
 from ..methods import config_for
 from ..model import PromptModel, read_run_config
 from ..tracking import check_tracker, open_tracker
@@ -47,8 +49,16 @@ def train_run(
     resume: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    head: str | None = None,
+    templates: str | None = None,
+    text_prompts: dict[str, Any] | None = None,
+    shots: int | None = None,
 ) -> dict[str, Any]:
     """Build backbone, data and PromptModel, fit, evaluate on val and test, write the run folder.
+
+    ``head`` (random, text, coop; default text on a CLIP backbone) and ``templates`` pick the head
+    (``vptune.heads``); ``text_prompts`` (CoOp's options) adds CoOp to any image-side method;
+    ``shots`` trains on K images per class drawn with the seed (``vptune.data.shots``).
 
     Returns the metrics written to ``out/metrics.json``: top-1 accuracies in percent
     (``val_top1`` is on data that ``final`` trains on), tuned parameters as a count and as a
@@ -69,12 +79,18 @@ def train_run(
         return json.loads((out / METRICS_FILE).read_text())
     data_config = backbone_data_config(net)
     bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images)
+    shot_notes: list[str] = []
+    if shots is not None:
+        bundle.train, shot_notes = few_shot(bundle.train, shots, cfg.seed, bundle.num_classes)
+    head_config = head_for_run(head, config, family_of(net), data, list(bundle.class_names),
+                               templates=templates, text_prompts=text_prompts)
     torch.manual_seed(cfg.seed)
-    model = PromptModel(net, config, bundle.num_classes)
+    model = PromptModel(net, config, bundle.num_classes, head_config)
     model.metadata.update(
         class_names=list(bundle.class_names),
         data=data,
         final=final,
+        shots=shots,
         data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
         backbone={
             "spec": backbone, "weights": None if weights is None else str(Path(weights).resolve()), "pretrained": pretrained,
@@ -123,6 +139,9 @@ def train_run(
         "wall_time_s": result["wall_time_s"],
         "images_per_s": result["images_per_s"],
         "train_images": len(bundle.train),
+        "shots": shots,
+        "shot_notes": shot_notes,
+        "head": head_config.kind,
         "skipped_images": len(bundle.skipped),
         "train_config": cfg.to_dict(),
     }
@@ -131,6 +150,55 @@ def train_run(
             save_file(initial, str(out / INIT_FILE))
         write_json(out / METRICS_FILE, metrics)
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # complete: the run folder keeps only what serving needs
+    return metrics
+
+
+def zeroshot_run(
+    backbone: str, out: Path, *, data: str | None = None, classes: list[str] | None = None,
+    templates: str | None = None, weights: str | Path | None = None, pretrained: bool = False,
+    batch_size: int = 256, device: str = "auto",
+) -> dict[str, Any]:
+    """Write CLIP's zero-shot classifier as a run folder (no training): a ``text`` head over the
+    frozen image tower, for the classes of ``data`` (then ``metrics.json`` has its val and test
+    top-1, like a trained run's) or for ``classes`` alone. ``vptune serve`` serves it like any run."""
+    from ..data import build_data
+    from ..heads import HeadConfig, class_names_for
+    from ..methods import LinearConfig
+
+    if (data is None) == (classes is None):
+        raise ValueError("vptune zeroshot needs either --data SPEC (names from the data, test top-1 measured) "
+                         "or --classes 'a,b,c' (names alone)")
+    out = Path(out)
+    net = load_backbone(backbone, weights=weights, pretrained=pretrained)
+    data_config = backbone_data_config(net)
+    bundle = None
+    if data is not None:
+        bundle = build_data(data, data_config)
+        names, texts = list(bundle.class_names), class_names_for(data, list(bundle.class_names))
+    else:
+        names = texts = [name.strip() for name in classes if name.strip()]
+        if not names:
+            raise ValueError("--classes is empty: give class names separated by commas")
+    model = PromptModel(net, LinearConfig(), len(names), HeadConfig("text", tuple(texts), templates))
+    model.metadata.update(
+        class_names=names, data=data, final=False, zero_shot=True,
+        data_config={k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
+        backbone={"spec": backbone, "weights": None if weights is None else str(Path(weights).resolve()), "pretrained": pretrained},
+    )
+    model.save_pretrained(out)
+    metrics: dict[str, Any] = {
+        "method": "zeroshot", "backbone": backbone, "data": data, "class_names": names, "class_texts": texts,
+        "templates": resolve_templates(model.head_config.templates, model.family), "trained_params": 0, "head_params": model.num_tuned_parameters(),
+        "backbone_params": model.num_backbone_parameters(), "val_top1": None, "test_top1": None,
+    }
+    if bundle is not None:
+        cfg = TrainConfig(batch_size=batch_size, device=device)
+        model.to(cfg.torch_device())
+        for split in ("val", "test"):
+            dataset = getattr(bundle, split)
+            if dataset is not None and len(dataset):
+                metrics[f"{split}_top1"] = evaluate(model, dataset, cfg)["top1"]
+    write_json(out / METRICS_FILE, metrics)
     return metrics
 
 
