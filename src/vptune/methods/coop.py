@@ -1,5 +1,5 @@
-"""CoOp (Zhou et al., 2022, "Learning to Prompt for Vision-Language Models"; docs/methods.md,
-"CoOp"): the image side stays frozen and the prompt of the text side is learned. The method
+"""CoOp (Zhou et al., 2022, "Learning to Prompt for Vision-Language Models"; docs/methods.md, "CoOp"):
+the image side stays frozen and the prompt of the text side is learned. The method
 itself adds nothing to the image walk; it asks for a CoOp head (``vptune.heads.CoOpHead``),
 whose context vectors are its only tuned tensors. Any image-side method gets the same head with
 ``--text-prompts coop`` (prompts on both towers)."""
