@@ -207,3 +207,27 @@ def test_cli_zeroshot_train_and_serve(clip_weights, tmp_path):
         with torch.no_grad():
             expected = vptune.PromptModel.from_pretrained(backbone, folder).eval()(x)
         torch.testing.assert_close(torch.stack(serving(x, name)), expected, atol=1e-5, rtol=0)
+
+
+def test_fewshot_grid_on_ray_resumes_and_reports(clip_weights, tmp_path):
+    """vptune fewshot: zero-shot once, linear from the text head and CoOp per shots x seed, on a
+    local Ray; the table holds every run's test top-1 as written in its folder; a rerun submits nothing."""
+    from typer.testing import CliRunner
+
+    from vptune.cli import app
+
+    pytest.importorskip("ray")
+    args = ["fewshot", "--backbone", "vptune_clip_fmnist", "--weights", str(clip_weights), "--data", "mini:count",
+            "--methods", "zeroshot,linear,coop@0.01", "--shots", "1,2", "--seeds", "1", "--epochs", "1",
+            "--batch-size", "4", "--num-cpus", "1", "--device", "cpu", "--out", str(tmp_path / "grid")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "grid" / "fewshot.json").read_text())
+    assert summary["missing"] == [] and (tmp_path / "grid" / "fewshot.png").is_file()
+    coop = json.loads((tmp_path / "grid" / "count" / "coop" / "shots2" / "seed1" / "metrics.json").read_text())
+    assert coop["train_images"] == 8 and coop["train_config"]["lr"] == 0.01 and coop["tuned_params"] == 16 * 128
+    assert summary["results"]["count"]["coop"]["2"]["test_top1"] == [coop["test_top1"]]
+    table = (tmp_path / "grid" / "fewshot.md").read_text()
+    assert "| coop | 2,048 |" in table and "| zeroshot | 0 |" in table
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "5 runs, 5 already done" in again.output

@@ -356,6 +356,44 @@ def sweep(
     console.print(f"summary: {out / 'sweep.md'}, {out / 'sweep.json'}")
 
 
+@app.command()
+@user_errors
+def fewshot(
+    data: str = typer.Option(..., help="Comma-separated data SPECs (e.g. mini:count,mini:location)."),
+    methods: str = typer.Option("zeroshot,linear,linear-random,coop,vpt-deep", help="Comma-separated: names, zeroshot, "
+                                "M-random (random head), M+coop (CoOp on the text side too), M@LR (its learning rate)."),
+    out: Path = typer.Option(..., help="Folder of the grid's runs, fewshot.md/.json/.png; rerun to resume."),
+    backbone: str = typer.Option("vptune_clip_fmnist", help="A CLIP: open_clip:NAME/TAG or the bundled vptune_clip_fmnist."),
+    weights: Optional[Path] = typer.Option(None, help="Local backbone weights."),
+    shots: str = typer.Option("1,2,4,8,16", help="Shots per class."),
+    seeds: str = typer.Option("1,2,3", help="Seeds (which images are drawn, and the initialisation)."),
+    epochs: int = typer.Option(20, help="Training epochs of each run."),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(1e-3, help="Learning rate of methods without their own @LR."),
+    optimizer: str = typer.Option("adamw", help="sgd or adamw."),
+    weight_decay: float = typer.Option(1e-4),
+    precision: str = typer.Option("fp32", help="fp32 or bf16."),
+    num_cpus: Optional[int] = typer.Option(None, help="CPUs of the local Ray (default: all)."),
+    cpus_per_trial: float = typer.Option(1.0),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address (default: a local Ray)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """The few-shot protocol: every method x shots x seed on Ray Tune, a table and an accuracy-vs-shots plot."""
+    from vptune.sweep.fewshot import FEWSHOT_MD, FEWSHOT_PNG, FewShotConfig, run_fewshot
+    from vptune.train import TrainConfig
+
+    config = FewShotConfig(
+        backbone=backbone, data=comma_list(data), methods=comma_list(methods), out=out,
+        shots=parse_grid(shots, int, "--shots"), seeds=parse_grid(seeds, int, "--seeds"),
+        train=TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+                          precision=precision, warmup_epochs=0.0, device=device),
+        weights=None if weights is None else str(weights.resolve()), address=address, num_cpus=num_cpus,
+        cpus_per_trial=cpus_per_trial,
+    )
+    summary = run_fewshot(config, console)
+    console.print(f"summary: {out / FEWSHOT_MD}, {out / FEWSHOT_PNG}" + (f" ({len(summary['missing'])} runs missing)" if summary["missing"] else ""))
+
+
 # --- pretrain: the bundled backbone ---------------------------------------------------------
 
 
