@@ -178,3 +178,26 @@ def test_unknown_name_and_tag_list_close_names():
         load_backbone("open_clip:ViT-B-61/openai")
     with pytest.raises(ValueError, match=r"no pretrained tag 'opnai' for ViT-B-16: its tags are openai, .*Close names: openai"):
         load_backbone("open_clip:ViT-B-16/opnai")
+
+
+def timm_tower_clip() -> torch.nn.Module:
+    """An open_clip CLIP whose image tower is a timm model (open_clip's TimmModel: timm's test_vit + a projection)."""
+    torch.manual_seed(0)
+    vision = {"timm_model_name": "test_vit", "image_size": 160, "timm_pool": "", "timm_proj": "linear"}
+    return honest_(open_clip.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=TEXT), 0).eval()
+
+
+def test_timm_image_tower_uses_the_timm_walk():
+    clip = timm_tower_clip()
+    family = family_of(clip)
+    assert family.name == "open_clip_timm" and family.trunk_family.name == "vit" and family.num_features == 16
+    images = torch.randn(2, 3, 160, 160, generator=torch.Generator().manual_seed(1))
+    model = vptune.prompt_model(clip, vptune.config_for("linear"), NUM_CLASSES)
+    with torch.no_grad():
+        torch.testing.assert_close(family.features(images, model.method), clip.encode_image(images), atol=1e-5, rtol=1e-5)
+    assert_paths_agree(randomize_(vptune.prompt_model(clip, vptune.VPTConfig(num_prompts=2), NUM_CLASSES)), images)
+    lora = vptune.prompt_model(clip, vptune.LoRAConfig(rank=2), NUM_CLASSES)
+    assert all(name.startswith(("head.", "backbone.visual.trunk.blocks.")) for name in lora.tuned_parameters())
+    partial = vptune.prompt_model(clip, vptune.PartialConfig(num_blocks=1), NUM_CLASSES)
+    tuned = {name.split(".")[2] for name in partial.tuned_parameters() if name.startswith("backbone.")}
+    assert tuned == {"trunk", "head"}  # the last trunk block and norm, open_clip's projection head
