@@ -164,6 +164,62 @@ MUTANTS = [
         "scores.amax(dim=-1, keepdim=True)",
         ("tests/test_attention.py", "-k", "apt"),
     ),
+    Mutant(
+        "API keys compared with an early exit",
+        "serve/security.py",
+        "                valid, tasks = True, scope\n",
+        "                valid, tasks = True, scope\n                break\n",
+        ("tests/test_server.py", "-k", "constant_time"),
+    ),
+    Mutant(
+        "no deadline for a slow request head",
+        "serve/security.py",
+        "    return TimedHTTPProtocol",
+        "    return Base",
+        ("tests/test_server.py", "-k", "slow_headers"),
+    ),
+    Mutant(
+        "any Host header accepted",
+        "serve/security.py",
+        'if scope["type"] != "http" or self.any:',
+        "if True:",
+        ("tests/test_server.py", "-k", "host_header"),
+    ),
+    Mutant(
+        "a task folder served before it settled",
+        "serve/live.py",
+        "if settle and now - seen[1] < self.settle_s:",
+        "if False:",
+        ("tests/test_server_live.py", "-k", "watcher_loads"),
+    ),
+    Mutant(
+        "a request held for a replaced task answered by the new run",
+        "serve/multitask.py",
+        "tasks = [task if isinstance(task, Task) else self.task(task) for task in tasks]",
+        "tasks = [self.task(task.name if isinstance(task, Task) else task) for task in tasks]",
+        ("tests/test_serve.py", "-k", "replace_is_atomic"),
+    ),
+    Mutant(
+        "a config's num_classes not checked against its saved head",
+        "serve/multitask.py",
+        "        check_head_size(run, run_dir)\n",
+        "",
+        ("tests/test_server.py", "-k", "bad_task_folder"),
+    ),
+    Mutant(
+        "one bad image fails a request of several",
+        "serve/server.py",
+        'results.append({"file": name, "predictions": body} if status == 200 else {"file": name, "status": status, "error": body})',
+        'results.append({"file": name, "predictions": body})',
+        ("tests/test_server.py", "-k", "several_images"),
+    ),
+    Mutant(
+        "SIGTERM ends the server by the signal, not exit 0",
+        "serve/server.py",
+        "previous = signal.signal(signal.SIGTERM, lambda *_: None)",
+        "previous = signal.getsignal(signal.SIGTERM)",
+        ("tests/test_server_live.py", "-k", "sigterm"),
+    ),
 ]
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -193,7 +194,10 @@ def test_sigterm_stops_accepting_finishes_requests_in_flight_and_exits_0(tmp_pat
     make_run(backbone, "vpt-deep", dict(num_prompts=2), 3, root / "deep", 0)
     make_run(backbone, "linear", {}, 2, root / "linear", 1)
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath("src"), os.environ.get("PYTHONPATH", "")])}
+    import vptune
+
+    source = str(Path(vptune.__file__).resolve().parents[1])  # the code under test, wherever it is
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-c", "from vptune.cli import app; app()", "serve", "--tasks", str(root), "--port", str(port),
                "--max-batch", "64", "--max-wait-ms", "2500", "--no-watch"]
     log = open(tmp_path / "server.log", "w")
