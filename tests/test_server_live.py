@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 import torch
 from conftest import tiny_vit
 from test_serve import make_run
@@ -104,6 +103,18 @@ def test_watcher_skips_a_bad_folder_until_it_changes(tmp_path):
     watcher.poll()
     clock.now = 6.5
     assert watcher.poll() == ["loaded half"] and "half" not in watcher.skipped
+
+
+def test_an_empty_folder_is_refused_unless_watched(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="no task to serve"):
+        open_tasks(tiny_vit(), tmp_path)
+    watcher = open_tasks(tiny_vit(), tmp_path, settle_s=0.0, allow_empty=True)
+    assert watcher.model.task_names == []
+    make_run(watcher.model.backbone, "linear", {}, 2, tmp_path / "first", 0)
+    watcher.poll()  # seen
+    assert watcher.poll() == ["loaded first"]
 
 
 def _write_elsewhere_then_move(backbone, method, options, classes, target, seed, prefix):

@@ -521,10 +521,12 @@ def serve(
 
     net = load_backbone(backbone, weights=weights, pretrained=pretrained)
     net.to(torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device))
-    watcher = open_tasks(net, tasks, interval_s=watch_interval_s, settle_s=watch_interval_s)
+    watcher = open_tasks(net, tasks, interval_s=watch_interval_s, settle_s=watch_interval_s, allow_empty=watch)
     for name, why in sorted(watcher.skipped.items()):
         err_console.print(f"[yellow]skipped[/] {escape(name)}: {escape(why)}", highlight=False, soft_wrap=True)
     model = watcher.model
+    if not model.task_names:
+        err_console.print(f"[yellow]no task yet[/]: runs saved into {escape(str(tasks))} will be served as they appear", highlight=False)
     listing = Table(title=f"tasks served from {escape(str(tasks))}")
     for column in ("task", "method", "classes"):
         listing.add_column(column)

@@ -160,13 +160,16 @@ class TaskWatcher:
                 log.exception("watching %s failed; retrying", self.root)
 
 
-def open_tasks(backbone: nn.Module, tasks_dir: str | Path, interval_s: float = 1.0, settle_s: float = 1.0) -> TaskWatcher:
+def open_tasks(
+    backbone: nn.Module, tasks_dir: str | Path, interval_s: float = 1.0, settle_s: float = 1.0, allow_empty: bool = False,
+) -> TaskWatcher:
     """Load every run folder directly under ``tasks_dir`` as a task named after its folder, and
     return the watcher that keeps them in step (``watcher.model``; ``watcher.skipped`` says why
-    a folder is not served). Refuses a folder with no servable run at all."""
+    a folder is not served). Refuses a folder with no servable run at all, unless ``allow_empty``
+    (a watched folder that runs will be written into)."""
     watcher = TaskWatcher(MultiTaskModel(backbone), tasks_dir, interval_s, settle_s)
     watcher.poll(settle=False)
-    if not watcher.model.task_names:
+    if not watcher.model.task_names and not allow_empty:
         reasons = "; ".join(f"{name}: {why}" for name, why in watcher.skipped.items())
         raise ValueError(f"no task to serve in {tasks_dir}: {reasons or 'it holds no run folders (config.json + model.safetensors)'}")
     return watcher

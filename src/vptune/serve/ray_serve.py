@@ -54,7 +54,7 @@ def build_app(spec: ReplicaSpec) -> Any:
     net = load_backbone(spec.backbone, weights=spec.weights, pretrained=spec.pretrained)
     cuda = spec.device == "auto" and torch.cuda.is_available()
     net.to(torch.device("cuda" if cuda else "cpu" if spec.device == "auto" else spec.device))
-    watcher = open_tasks(net, spec.tasks_dir, interval_s=spec.watch_interval_s, settle_s=spec.watch_interval_s)
+    watcher = open_tasks(net, spec.tasks_dir, interval_s=spec.watch_interval_s, settle_s=spec.watch_interval_s, allow_empty=spec.watch)
     # Ray's proxy reads the client's request; its body reaches the replica when the replica asks for
     # it, so a deadline here would time the replica's own queue, not the client.
     config = dataclasses.replace(spec.config, body_timeout_s=None)
