@@ -40,6 +40,7 @@ from ..methods.vpt import MASK_MODES, SEGMENT_LAYOUTS
 from ..model import WEIGHTS_FILE, PromptModel, read_run_config
 from ..train import TrainConfig, evaluate, fit, load_run
 from ..train.checkpoint import CHECKPOINT_FILE
+from ..train.config import without_tracking
 from ..train.run import INIT_FILE, METRICS_FILE, write_json
 from .masks import (
     SCORES,
@@ -270,7 +271,7 @@ def prune_run(
     settings = {
         "run": str(run.resolve()), "run_weights_sha256": hashlib.sha256((run / WEIGHTS_FILE).read_bytes()).hexdigest(),
         "data": data, "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "device"},
-        "train_config": {k: v for k, v in cfg.to_dict().items() if k != "device"},
+        "train_config": {k: v for k, v in without_tracking(cfg.to_dict()).items() if k != "device"},
     }
     previous = previous_candidates(out, settings)
 
