@@ -231,3 +231,22 @@ def test_fewshot_grid_on_ray_resumes_and_reports(clip_weights, tmp_path):
     assert "| coop | 2,048 |" in table and "| zeroshot | 0 |" in table
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "5 runs, 5 already done" in again.output
+
+
+@pytest.mark.skipif(not __import__("vptune.backbones.clip_bundled", fromlist=["x"]).bundled_clip_weights_path().is_file(),
+                    reason="the bundled CLIP's weights are not created yet (vptune pretrain --arch clip)")
+def test_bundled_clip_reproduces_its_model_card(tmp_path):
+    """vptune zeroshot on the shipped vptune_clip_fmnist gives the count figure of its model card."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from vptune.backbones.clip_bundled import bundled_clip_weights_path
+    from vptune.cli import app
+
+    card = (bundled_clip_weights_path().parent / "CLIP_MODEL_CARD.md").read_text()
+    stated = float(re.search(r"\| count \| ([\d.]+) \|", card).group(1))
+    result = CliRunner().invoke(app, ["zeroshot", "--data", "mini:count", "--out", str(tmp_path / "zs"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    measured = json.loads((tmp_path / "zs" / "metrics.json").read_text())["test_top1"]
+    assert measured == pytest.approx(stated, abs=0.5)
