@@ -134,6 +134,15 @@ def test_bad_input_is_refused_clearly(tmp_path):
     (tmp_path / "task" / "classnames.txt").write_text("red car\nblue car\n")
     assert class_names_for(f"vtab1k:{tmp_path}/task", ["0", "1"]) == ["red car", "blue car"]
     assert class_names_for("mini:count", ["1", "2", "3", "4"]) == ["1 item", "2 items", "3 items", "4 items"]
+    from vptune.backbones.family import family_of
+    from vptune.heads import head_for_run
+
+    family = family_of(tiny_clip())
+    assert head_for_run(None, vptune.LinearConfig(), family, "mini:count", ["1", "2", "3", "4"]).kind == "text"
+    assert head_for_run(None, vptune.MLPConfig(), family, "mini:count", ["1", "2", "3", "4"]).kind == "random"
+    assert head_for_run(None, vptune.LinearConfig(), family_of(vit), "mini:count", ["1", "2", "3", "4"]).kind == "random"
+    with pytest.raises(ValueError, match="method coop trains a text head; drop --head random"):
+        head_for_run("random", vptune.config_for("coop"), family, "mini:count", ["1", "2", "3", "4"])
 
 
 def test_few_shot_sampling():

@@ -223,7 +223,7 @@ def class_names_for(data_spec: str, class_names: list[str]) -> list[str]:
 def head_for_run(head: str | None, config, family, data_spec: str, class_names: list[str], *,
                  templates: str | None = None, text_prompts: dict[str, Any] | None = None) -> HeadConfig:
     """The head of a training run: ``head`` if given, else ``text`` on a backbone with a text tower
-    and ``random`` otherwise; ``coop`` when the method is CoOp or ``text_prompts`` (CoOp's options)
+    (but for the mlp method) and ``random`` otherwise; ``coop`` when the method is CoOp or ``text_prompts`` (CoOp's options)
     asks for it, with the class names of ``data_spec`` (``class_names_for``)."""
     implied = getattr(config, "text_prompts", None)
     if implied is not None:
@@ -235,7 +235,8 @@ def head_for_run(head: str | None, config, family, data_spec: str, class_names: 
             raise ValueError(f"--text-prompts coop replaces the head with CoOp's; drop --head {head}")
         kind, options = "coop", {k: v for k, v in text_prompts.items() if k != "kind"}
     else:
-        kind, options = head or ("text" if hasattr(family, "encode_embedded") else "random"), {}
+        text_default = hasattr(family, "encode_embedded") and not config.head_hidden_layers()  # mlp: its own head
+        kind, options = head or ("text" if text_default else "random"), {}
     if kind == "random":
         return HeadConfig()
     _text_family(family, kind)
