@@ -7,13 +7,14 @@ instance. The backbone is frozen and kept in eval mode.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from .backbones.family import Family, family_of
 from .heads import HeadConfig, build_head
 from .methods import MethodConfig, config_from_dict
+from .tasks import ClassificationTask, Task
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -43,34 +45,61 @@ def make_head(in_dim: int, num_classes: int, hidden_layers: int = 0) -> nn.Modul
 
 
 class PromptModel(nn.Module):
-    """``head`` (a ``vptune.heads.HeadConfig``) picks the head: vptune's random Linear (default),
-    CLIP's zero-shot classifier from the text tower, or CoOp; ``init_head=False`` leaves a text
-    head's weights to be loaded."""
+    """A frozen backbone, one method and a head. ``head`` (a ``vptune.heads.HeadConfig``) picks a
+    classification head: vptune's random Linear (default), CLIP's zero-shot classifier from the
+    text tower, or CoOp; ``init_head=False`` leaves a text head's weights to be loaded. ``task``
+    (``vptune.tasks``: VQA, NLVR, retrieval) puts that task's head on the pooled features instead.
+    ``backbone_train_mode`` keeps the backbone's own dropout active while training (default: the
+    family's recipe, off for the image families, on for ViLT); ``also_tune`` trains the run's own
+    copies of the family's ``also_tuned`` backbone modules (ViLT's pooler and token types) with
+    every method that does not tune them already."""
 
     def __init__(
-        self, backbone: nn.Module, config: MethodConfig, num_classes: int, head: HeadConfig | None = None,
-        *, init_head: bool = True,
+        self, backbone: nn.Module, config: MethodConfig, num_classes: int | None = None, head: HeadConfig | None = None,
+        *, init_head: bool = True, task: Task | None = None, backbone_train_mode: bool | None = None, also_tune: bool = True,
     ) -> None:
         super().__init__()
         family = family_of(backbone)
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if task is None:
+            if num_classes is None or num_classes < 1:
+                raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            task = ClassificationTask(num_classes, config.head_hidden_layers())
         backbone.requires_grad_(False)
         backbone.eval()
         self.config = config
-        self.num_classes = num_classes
+        self.task = task
         self.backbone_fingerprint = family.fingerprint()
         self.backbone_parameters = family.num_parameters()  # before a method adds its own (LoRA)
         self.method = config.build(family)
         self.backbone = self.method.prepare_backbone(backbone)
         self.family: Family = family if self.backbone is backbone else family_of(self.backbone)
+        self.backbone_train_mode = family.backbone_train_mode if backbone_train_mode is None else bool(backbone_train_mode)
+        self.also_tuned = nn.ModuleDict(self._own_copies(task) if also_tune else {})
         self.head_config = head or HeadConfig()
         implied = getattr(config, "text_prompts", None)  # a text-side method (CoOp) implies its head
         if implied is not None:
             self.head_config = dataclasses.replace(self.head_config, **implied())
-        self.head = build_head(self.head_config, self.family, num_classes, config.head_hidden_layers(), initialise=init_head)
+        if isinstance(task, ClassificationTask):
+            self.head = build_head(self.head_config, self.family, num_classes, config.head_hidden_layers(), initialise=init_head)
+            self.num_classes = num_classes
+        else:
+            self.head = task.head(family.num_features)
+            self.num_classes = _outputs(self.head)
         self.metadata: dict[str, Any] = {}
         self.grad_checkpointing = False
+
+    def _own_copies(self, task: Task) -> dict[str, nn.Module]:
+        """Trained copies of the family's ``also_tuned`` modules, which its walk then reads;
+        a module the method already tunes (full fine-tuning) is left to it."""
+        copies = {}
+        for path in self.family.also_tuned:
+            module = self.backbone.get_submodule(path)
+            if all(p.requires_grad for p in module.parameters()):
+                continue
+            copies[path] = copy.deepcopy(module).requires_grad_(True)
+        copies = self.family.adapt_copies(copies, task)
+        self.family.overrides.update(copies)
+        return {path.replace(".", "__"): module for path, module in copies.items()}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations during backward instead of storing them: far less
@@ -79,7 +108,8 @@ class PromptModel(nn.Module):
 
     def train(self, mode: bool = True) -> "PromptModel":
         super().train(mode)
-        self.backbone.eval()  # the VPT recipe: backbone dropout and drop-path stay off
+        if not self.backbone_train_mode:
+            self.backbone.eval()  # the VPT recipe: backbone dropout and drop-path stay off
         return self
 
     def forward_features(self, images: Tensor) -> Tensor:
@@ -87,9 +117,37 @@ class PromptModel(nn.Module):
         x, aux = self.family.embed(images)
         return self.family.run_blocks(x, aux, self.method, checkpoint=self.grad_checkpointing)
 
-    def forward(self, images: Tensor) -> Tensor:
-        # With token pooling only the class token leaves the last block: the rest is not computed.
-        return self.head(self.family.features(images, self.method, checkpoint=self.grad_checkpointing))
+    def forward(self, inputs: Tensor | Mapping[str, Any]) -> Tensor:
+        """Head outputs for images (B, C, H, W), or for a batch dict of a vision-language task:
+        ``image`` with the text (``input_ids``, ``attention_mask``): one pass; ``image`` (B, K,
+        C, H, W): each text against K images, scores (B, K) (retrieval); ``image0`` and
+        ``image1``: each image encoded with the text (token type 1, then 2, as ViLT does), the
+        head on both pooled features (NLVR)."""
+        if isinstance(inputs, Tensor):
+            # With token pooling only the class token leaves the last block: the rest is not computed.
+            return self.head(self.encode(inputs))
+        if not self.family.reads_text:
+            raise ValueError(f"a {self.task.name} batch needs a vision-language backbone; this one ({self.family.name}) "
+                             "reads images only: pass --backbone hf:dandelin/vilt-b32-mlm or another ViLT")
+        pairs = [key for key in ("image0", "image1") if key in inputs]
+        if pairs:
+            pooled = [self.encode({**inputs, "image": inputs[key], "image_token_type_idx": i + 1}) for i, key in enumerate(pairs)]
+            return self.head(*pooled)
+        image = inputs.get("image")
+        if image is None:
+            raise ValueError(f"the batch has no image: expected 'image' (or 'image0' and 'image1'); it has {sorted(inputs)}")
+        if image.dim() == 5:  # B texts, each against K images
+            B, K = image.shape[:2]
+            flat = {**inputs, "image": image.flatten(0, 1)}
+            for key in ("input_ids", "attention_mask", "token_type_ids"):
+                if key in inputs:
+                    flat[key] = inputs[key].repeat_interleave(K, 0)
+            return self.head(self.encode(flat)).reshape(B, K)
+        return self.head(self.encode(inputs))
+
+    def encode(self, inputs: Tensor | Mapping[str, Any]) -> Tensor:
+        """Pooled features (B, d) of images or of one image-text batch, with the method's hooks."""
+        return self.family.features(inputs, self.method, checkpoint=self.grad_checkpointing)
 
     # --- what is tuned -------------------------------------------------------------------
     def tuned_parameters(self) -> dict[str, nn.Parameter]:
@@ -136,7 +194,18 @@ class PromptModel(nn.Module):
             "backbone": self.family.describe(),
             "backbone_weights": self.backbone_fingerprint,
             "metadata": self.metadata,
-        }
+        } | self._recipe()
+
+    def _recipe(self) -> dict[str, Any]:
+        """What an image-classification run of vptune 0.1 did not record (its config stays as it was)."""
+        extra: dict[str, Any] = {}
+        if not isinstance(self.task, ClassificationTask):
+            extra["task"] = self.task.to_dict()
+        if self.also_tuned:
+            extra["also_tuned"] = [name.replace("__", ".") for name in self.also_tuned]
+        if self.backbone_train_mode:
+            extra["backbone_train_mode"] = True
+        return extra
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write only what was tuned: ``model.safetensors`` and ``config.json``, each atomically."""
@@ -171,10 +240,29 @@ class PromptModel(nn.Module):
                 raise ValueError(f"{message}; pass the weights it was made with (--weights FILE)")
             warnings.warn(message, stacklevel=2)
         model = cls(backbone, config_from_dict(run["method_config"]), run["num_classes"],
-                    HeadConfig.from_dict(run.get("head")), init_head=False)
+                    HeadConfig.from_dict(run.get("head")), init_head=False, task=task_from_dict(run.get("task")),
+                    backbone_train_mode=run.get("backbone_train_mode", False), also_tune=bool(run.get("also_tuned")))
         model.metadata = run.get("metadata", {})
         model.load_tuned_state_dict(read_weights(directory), source=str(directory / WEIGHTS_FILE))
         return model.to(next(backbone.parameters()).device)
+
+
+def _outputs(head: nn.Module) -> int:
+    """The width of a head's last Linear layer (its outputs per input)."""
+    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+
+def task_from_dict(data: dict[str, Any] | None) -> Task | None:
+    """The task a run's config records (None: classification, as every run of vptune 0.1)."""
+    if data is None:
+        return None
+    from .tasks import TASKS
+
+    data = dict(data)
+    name = data.pop("name", None)
+    if name not in TASKS:
+        raise ValueError(f"run config names task {name!r}; vptune knows {', '.join(TASKS)}")
+    return TASKS[name](**data)
 
 
 def read_run_config(directory: Path) -> dict[str, Any]:
@@ -221,7 +309,9 @@ def check_compatible(run: dict[str, Any], family: Family, directory: Path) -> No
         )
 
 
-def prompt_model(backbone: nn.Module, config: MethodConfig, num_classes: int, head: HeadConfig | None = None) -> PromptModel:
-    """Wrap a backbone of any supported family (timm ViT, Eva, BEiT, Swin, open_clip) with a method's
-    config and a new head for ``num_classes`` classes (``head``: random Linear, text or CoOp)."""
-    return PromptModel(backbone, config, num_classes, head)
+def prompt_model(backbone: nn.Module, config: MethodConfig, num_classes: int | None = None, head: HeadConfig | None = None,
+                 **options: Any) -> PromptModel:
+    """Wrap a backbone of any supported family (timm ViT, Eva, BEiT, Swin, open_clip, ViLT) with a
+    method's config and a new head for ``num_classes`` classes (``head``: random Linear, text or
+    CoOp), or a task's head (``task=``, see ``PromptModel``)."""
+    return PromptModel(backbone, config, num_classes, head, **options)

@@ -56,7 +56,7 @@ def family_of(model: nn.Module) -> "Family":
     """The family that walks ``model``; a model of no known family is refused with the list."""
     if isinstance(model, Family):
         return model
-    from . import beit, eva, openclip, vit  # noqa: F401  (each registers its family)
+    from . import beit, eva, openclip, vilt, vit  # noqa: F401  (each registers its family)
 
     for cls in FAMILIES:
         if cls.accepts(model):
@@ -76,9 +76,17 @@ class Family:
     name: ClassVar[str]
     model_class: ClassVar[str]  # the library class, for messages
     add_location: ClassVar[bool] = True  # VPT's "add" prompts (one per sequence position) possible
+    # Backbone submodules (paths) that a run trains its own copy of with every method (the
+    # official recipe of a family: ViLT's pooler and token types); none for the image families.
+    also_tuned: ClassVar[tuple[str, ...]] = ()
+    # Whether the backbone's own dropout is active while a run trains (ViLT's official recipe);
+    # the image families keep it off (VPT's recipe).
+    backbone_train_mode: ClassVar[bool] = False
+    reads_text: ClassVar[bool] = False  # its inputs are image-text batch dicts (ViLT)
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+        self.overrides: dict[str, nn.Module] = {}  # also_tuned path -> the run's own copy
         self.check()
 
     @classmethod
@@ -87,6 +95,10 @@ class Family:
 
     def check(self) -> None:
         """Refuse, with the reason, a model of this family whose blocks the walk does not know."""
+
+    def adapt_copies(self, copies: dict[str, nn.Module], task: Any) -> dict[str, nn.Module]:
+        """The run's copies of ``also_tuned`` modules, fitted to ``task`` (ViLT: a third token type for NLVR)."""
+        return copies
 
     # --- description ----------------------------------------------------------------------
     @property

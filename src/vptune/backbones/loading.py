@@ -30,14 +30,21 @@ def load_backbone(
 
     ``spec`` is the bundled backbone's name (its shipped weights, no download), a timm model
     name (random weights, or timm's hub weights with ``pretrained=True``), or
-    ``open_clip:NAME[/TAG]`` (a whole CLIP model: open_clip's weights for TAG), or the bundled CLIP
-    ``vptune_clip_fmnist``. ``weights`` loads
-    a local .safetensors, .pth/.pt or big_vision .npz file instead.
+    ``open_clip:NAME[/TAG]`` (a whole CLIP model: open_clip's weights for TAG), the bundled CLIP
+    ``vptune_clip_fmnist``, or ``hf:NAME`` (a transformers ViLT). ``weights`` loads a local
+    .safetensors, .pth/.pt or big_vision .npz file instead (for ``hf:``, a ``save_pretrained``
+    folder or a .safetensors file).
     """
     if spec == "vptune_clip_fmnist":
         from .clip_bundled import load_bundled_clip
 
         return load_bundled_clip(weights)
+    if spec.startswith("hf:"):
+        from .vilt import load_vilt
+
+        model = load_vilt(spec, weights, pretrained)
+        family_of(model)
+        return model
     if spec.startswith("open_clip:"):
         from .openclip import create_open_clip
 
