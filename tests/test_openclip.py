@@ -117,7 +117,7 @@ def test_lora_counts_and_equals_merged_weights():
     """rank r on in_proj (3d x r + r x d) and out_proj (2 r d) per block: 6 r d L, as on timm; the
     walk equals open_clip's own tower with the updates merged into its weights by hand
     (W + B A scaling). Not peft's own MultiheadAttention forward: peft 0.21.2's merge adds the
-    out_proj update twice (it adds the delta to the weight, then calls out_proj.merge)."""
+    out_proj update twice (it adds the delta to the weight, then calls out_proj.merge; peft PR #3774)."""
     import copy
 
     clip = tiny_clip()
