@@ -37,7 +37,7 @@ def test_bundled_weights_load():
 
 
 def test_missing_bundled_weights_says_how_to_create_them(monkeypatch, tmp_path):
-    monkeypatch.setattr(loading, "bundled_weights_path", lambda: tmp_path / "absent.safetensors")
+    monkeypatch.setattr(loading, "bundled_weights_path", lambda name=BUNDLED_BACKBONE: tmp_path / "absent.safetensors")
     with pytest.raises(FileNotFoundError, match=r"absent.safetensors\).*vptune pretrain"):
         load_backbone(BUNDLED_BACKBONE)
 

@@ -401,8 +401,8 @@ def fewshot(
 @user_errors
 def pretrain(
     out: Optional[Path] = typer.Option(None, help="Folder for the weights and model card (default: the package's)."),
-    arch: str = typer.Option("vit", help="vit: the bundled ViT on Fashion-MNIST; clip: the bundled CLIP on captioned canvases."),
-    epochs: int = typer.Option(2, help="Passes over the 60,000 Fashion-MNIST training images (vit)."),
+    arch: str = typer.Option("vit", help="vit: the bundled ViT on Fashion-MNIST; swin: the bundled Swin on Fashion-MNIST; clip: the bundled CLIP on captioned canvases."),
+    epochs: int = typer.Option(2, help="Passes over the 60,000 Fashion-MNIST training images (vit, swin)."),
     steps: int = typer.Option(300, help="Contrastive steps (clip)."),
     batch_size: int = typer.Option(128),
     lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (vit 1e-3; clip: text side 2e-3)."),
@@ -415,7 +415,7 @@ def pretrain(
     threads: int = typer.Option(2, help="CPU threads."),
     work_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the cache); a rerun resumes there."),
 ) -> None:
-    """Pretrain a bundled model (vptune_vit_fmnist, or vptune_clip_fmnist with --arch clip) and write its weights and model card."""
+    """Pretrain a bundled model (vptune_vit_fmnist; vptune_swin_fmnist with --arch swin; vptune_clip_fmnist with --arch clip) and write its weights and model card."""
     from vptune.backbones.bundled import bundled_weights_path
 
     if arch == "clip":
@@ -428,14 +428,14 @@ def pretrain(
         )
         console.print("zero-shot top-1: " + ", ".join(f"{k} {v:.1f}%" for k, v in figures["zero_shot"].items()))
         return
-    if arch != "vit":
-        raise ValueError(f"--arch must be vit or clip, got {arch!r}")
+    if arch not in ("vit", "swin"):
+        raise ValueError(f"--arch must be vit, swin or clip, got {arch!r}")
     from vptune.backbones.pretrain import pretrain as run_pretrain
 
     results = run_pretrain(
         out or bundled_weights_path().parent, epochs=epochs, batch_size=batch_size, lr=lr or 1e-3, weight_decay=weight_decay,
         warmup_steps=200 if warmup_steps is None else warmup_steps, label_smoothing=label_smoothing, seed=seed,
-        threads=threads, work_dir=work_dir,
+        threads=threads, work_dir=work_dir, arch=arch,
     )
     console.print(f"Fashion-MNIST test top-1 {results['test_accuracy'] * 100:.2f}% in {results['wall_time_min']:.1f} min")
 

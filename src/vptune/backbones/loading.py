@@ -16,7 +16,7 @@ import sys
 
 from torch import nn
 
-from .bundled import BUNDLED_BACKBONE, build_bundled, bundled_weights_path
+from .bundled import BUNDLED, BUNDLED_BACKBONE, build_bundled, bundled_weights_path
 from .family import family_of
 
 _NESTED_KEYS = ("state_dict", "model", "model_ema", "module")
@@ -28,7 +28,8 @@ def load_backbone(
 ) -> nn.Module:
     """A frozen-ready backbone in eval mode.
 
-    ``spec`` is the bundled backbone's name (its shipped weights, no download), a timm model
+    ``spec`` is a bundled backbone's name (``vptune_vit_fmnist``, ``vptune_swin_fmnist``: its
+    shipped weights, no download), a timm model
     name (random weights, or timm's hub weights with ``pretrained=True``), or
     ``open_clip:NAME[/TAG]`` (a whole CLIP model: open_clip's weights for TAG), the bundled CLIP
     ``vptune_clip_fmnist``, or ``hf:NAME`` (a transformers ViLT). ``weights`` loads a local
@@ -51,15 +52,16 @@ def load_backbone(
         model = create_open_clip(spec, weights)
         family_of(model)
         return model.eval()
-    if spec == BUNDLED_BACKBONE:
-        model = build_bundled()
+    if spec in BUNDLED:
+        model = build_bundled(name=spec)
         if weights is None:
-            weights = bundled_weights_path()
+            weights = bundled_weights_path(spec)
             if not weights.is_file():
+                arch = BUNDLED[spec].arch
                 raise FileNotFoundError(
                     f"the bundled backbone's weights are missing ({weights}). Create them with "
-                    "`vptune pretrain` (or `python -m vptune.backbones.pretrain --out src/vptune/weights`), "
-                    "or pass another backbone"
+                    f"`vptune pretrain --arch {arch}` (or `python -m vptune.backbones.pretrain --arch {arch} "
+                    "--out src/vptune/weights`), or pass another backbone"
                 )
     else:
         model = _create_timm(spec, pretrained=pretrained and weights is None)
@@ -74,7 +76,7 @@ def _create_timm(name: str, pretrained: bool) -> nn.Module:
         close = timm.list_models(f"*{name}*")[:5]
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ValueError(
-            f"unknown backbone {name!r}: neither the bundled {BUNDLED_BACKBONE!r} nor a timm model name.{hint}"
+            f"unknown backbone {name!r}: neither the bundled {BUNDLED_BACKBONE!r} (or {', '.join(repr(b) for b in BUNDLED if b != BUNDLED_BACKBONE)}) nor a timm model name.{hint}"
         )
     try:
         return timm.create_model(name, pretrained=pretrained)

@@ -1,4 +1,4 @@
-"""Pretrain the bundled backbone on the Fashion-MNIST train set (``vptune pretrain``).
+"""Pretrain a bundled backbone on the Fashion-MNIST train set (``vptune pretrain [--arch vit|swin]``).
 
 A plain supervised loop: AdamW, linear warm-up then cosine (per step), bf16 autocast, light
 augmentation (random crop with padding, horizontal flip), label smoothing. Writes the backbone
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..data.cache import cache_root
 from ..data.fashion_mnist import load_fashion_mnist
 from ..report import machine, now
-from .bundled import ARCHITECTURE, BUNDLED_BACKBONE, MEAN, STD, build_bundled
+from .bundled import ARCHES, BUNDLED, MEAN, STD, build_bundled
 
 _PAD = 2  # 28x28 -> 32x32
 _SHIFT = 2  # random crop: up to 2 px either way
@@ -52,10 +52,11 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, the class token and position embedding."""
+    """No weight decay on biases, norms, the class token, position embedding and Swin's relative position tables."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name in ("cls_token", "pos_embed") else decay).append(p)
+        skip = p.ndim <= 1 or name in ("cls_token", "pos_embed") or name.endswith("relative_position_bias_table")
+        (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -88,15 +89,20 @@ def pretrain(
     threads: int = 2,
     work_dir: Path | None = None,
     log_every: int = 50,
+    arch: str = "vit",
 ) -> dict:
-    """Train the bundled architecture, write ``out/<name>.safetensors`` and ``out/MODEL_CARD.md``.
+    """Train the bundled architecture ``arch`` ("vit" or "swin"), write ``out/<name>.safetensors``
+    and its model card (``out/MODEL_CARD.md`` for the ViT, ``out/MODEL_CARD_swin.md`` for the Swin).
 
     Returns the card's figures (test accuracy, wall time, images/s)."""
+    if arch not in ARCHES:
+        raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(sorted(ARCHES))}")
+    name = ARCHES[arch]
     torch.set_num_threads(threads)
     out, work_dir = Path(out), Path(work_dir or cache_root() / "pretrain")
     out.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = work_dir / f"{BUNDLED_BACKBONE}-checkpoint.pt"
+    checkpoint_path = work_dir / f"{name}-checkpoint.pt"
     recipe = dict(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                   warmup_steps=warmup_steps, label_smoothing=label_smoothing, seed=seed)
 
@@ -106,7 +112,7 @@ def pretrain(
     total_steps = epochs * steps_per_epoch
 
     torch.manual_seed(seed)
-    model = build_bundled(num_classes=10)
+    model = build_bundled(num_classes=10, name=name)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
     start_epoch, elapsed = 0, 0.0
     if checkpoint_path.is_file():
@@ -119,7 +125,7 @@ def pretrain(
         else:
             print(f"ignoring {checkpoint_path}: it was written with another recipe", flush=True)
 
-    print(f"pretraining {BUNDLED_BACKBONE} on Fashion-MNIST ({len(train_x)} images): {recipe}, "
+    print(f"pretraining {name} on Fashion-MNIST ({len(train_x)} images): {recipe}, "
           f"{steps_per_epoch} steps/epoch, {threads} threads", flush=True)
     for epoch in range(start_epoch, epochs):
         model.train()
@@ -165,9 +171,9 @@ def pretrain(
     print(f"Fashion-MNIST test accuracy {test_accuracy:.4f}", flush=True)
 
     backbone = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    weights_path = out / f"{BUNDLED_BACKBONE}.safetensors"
+    weights_path = out / f"{name}.safetensors"
     save_file(backbone, str(weights_path), metadata={
-        "architecture": BUNDLED_BACKBONE, "fashion_mnist_test_accuracy": f"{test_accuracy:.4f}"})
+        "architecture": name, "fashion_mnist_test_accuracy": f"{test_accuracy:.4f}"})
     results = {
         "test_accuracy": test_accuracy,
         "wall_time_min": elapsed / 60,
@@ -175,26 +181,37 @@ def pretrain(
         "parameters": sum(v.numel() for v in backbone.values()),
         "weights_mb": weights_path.stat().st_size / 1e6,
     }
-    command = (f"python -m vptune.backbones.pretrain --out {out} --epochs {epochs} --batch-size {batch_size} "
+    arch_flag = "" if arch == "vit" else f"--arch {arch} "  # the ViT's command as before
+    command = (f"python -m vptune.backbones.pretrain {arch_flag}--out {out} --epochs {epochs} --batch-size {batch_size} "
                f"--lr {lr} --weight-decay {weight_decay} --warmup-steps {warmup_steps} "
                f"--label-smoothing {label_smoothing} --seed {seed} --threads {threads}")
-    (out / "MODEL_CARD.md").write_text(model_card(recipe, results, command))
-    print(f"wrote {weights_path} ({results['weights_mb']:.1f} MB) and {out / 'MODEL_CARD.md'}", flush=True)
+    card = out / BUNDLED[name].card
+    card.write_text(model_card(recipe, results, command, name=name))
+    print(f"wrote {weights_path} ({results['weights_mb']:.1f} MB) and {card}", flush=True)
     return results
 
 
-def model_card(recipe: dict, results: dict, command: str) -> str:
-    arch = ", ".join(f"{k}={v}" for k, v in ARCHITECTURE.items())
-    return f"""# {BUNDLED_BACKBONE}: the bundled backbone
+def model_card(recipe: dict, results: dict, command: str, name: str = ARCHES["vit"]) -> str:
+    spec = BUNDLED[name]
+    arch = ", ".join(f"{k}={v}" for k, v in spec.architecture.items())
+    swin = spec.arch == "swin"
+    title = "the bundled Swin backbone" if swin else "the bundled backbone"
+    papers = "ImageNet-21k Swin-B of the VPT paper" if swin else "ImageNet-21k ViTs of the papers"
+    no_decay = "biases, norms and relative position bias tables" if swin else "biases, norms, class token and\nposition embedding"
+    setting = "Swin-B pretrained on ImageNet-21k" if swin else "ViT-B/16 pretrained on ImageNet-21k"
+    layout = ("\nPatch 4 gives an 8x8 grid; stage 0 (width 48) attends in four 4x4 windows, shifted by 2 in its\n"
+              "second block; stage 1 (width 96, 4x4 grid) in one window; stage 2 (width 192, 2x2 grid) in one\n"
+              "2x2 window (timm clips a window to the grid and does not shift a single window).") if swin else ""
+    return f"""# {name}: {title}
 
-A small timm `VisionTransformer` pretrained from scratch on Fashion-MNIST, shipped with vptune
+A small timm `{spec.model_class}` pretrained from scratch on Fashion-MNIST, shipped with vptune
 so that prompt tuning can be tried with no download and no GPU. It is a stand-in for the
-ImageNet-21k ViTs of the papers, not a replacement: expect its features to transfer well to
+{papers}, not a replacement: expect its features to transfer well to
 grayscale object images and poorly to anything far from them.
 
 ## Architecture
-`VisionTransformer({arch})`: {results['parameters']:,} parameters without the classifier
-(the shipped file drops the Fashion-MNIST head; vptune trains its own head per task).
+`{spec.model_class}({arch})`: {results['parameters']:,} parameters without the classifier
+(the shipped file drops the Fashion-MNIST head; vptune trains its own head per task).{layout}
 Input 3x32x32, normalised with mean {MEAN[0]} and std {STD[0]} on every channel
 (`timm.data.resolve_data_config(model=backbone)` returns these).
 
@@ -205,8 +222,7 @@ The mini-benchmark's structured tasks use Fashion-MNIST *test* objects only, nev
 
 ## Recipe
 Supervised cross-entropy with label smoothing {recipe['label_smoothing']}; AdamW (betas 0.9/0.999),
-lr {recipe['lr']}, weight decay {recipe['weight_decay']} (none on biases, norms, class token and
-position embedding), {recipe['warmup_steps']} linear warm-up steps then cosine to zero, stepped per
+lr {recipe['lr']}, weight decay {recipe['weight_decay']} (none on {no_decay}), {recipe['warmup_steps']} linear warm-up steps then cosine to zero, stepped per
 iteration; batch {recipe['batch_size']}, {recipe['epochs']} epochs; bf16 autocast; augmentation:
 random crop 32 from the image padded by 2+2 px (shifts up to 2 px) and horizontal flip; seed {recipe['seed']}.
 
@@ -214,14 +230,14 @@ random crop 32 from the image padded by 2+2 px (shifts up to 2 px) and horizonta
 - Fashion-MNIST test top-1: **{results['test_accuracy'] * 100:.2f}%**
 - Wall time: {results['wall_time_min']:.1f} min ({results['images_per_s']:.0f} training images/s end to end)
 - Machine: {machine()}.
-- Weights: `{BUNDLED_BACKBONE}.safetensors`, {results['weights_mb']:.1f} MB, float32.
+- Weights: `{name}.safetensors`, {results['weights_mb']:.1f} MB, float32.
 - Written {now()}.
 
 ## Limitations
 Trained from scratch on one small grayscale dataset for {recipe['epochs']} epochs, to fit a 2-core CPU. For
 scale: a linear classifier on raw pixels gets about 84% on Fashion-MNIST (the dataset authors'
 benchmark). Its features know nothing of colour, texture or scenes. Numbers obtained with it show how methods
-compare on a small backbone, not the papers' setting (ViT-B/16 pretrained on ImageNet-21k).
+compare on a small backbone, not the papers' setting ({setting}).
 
 ## Reproduce
 ```
@@ -233,7 +249,8 @@ checkpoint in `$VPTUNE_CACHE/pretrain` (default `~/.cache/vptune/pretrain`) if o
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Pretrain the bundled backbone on Fashion-MNIST.")
+    parser = argparse.ArgumentParser(description="Pretrain a bundled backbone on Fashion-MNIST.")
+    parser.add_argument("--arch", choices=sorted(ARCHES), default="vit", help="vit: vptune_vit_fmnist, swin: vptune_swin_fmnist")
     parser.add_argument("--out", type=Path, required=True, help="folder for the weights and MODEL_CARD.md")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -247,7 +264,7 @@ def main() -> None:
     args = parser.parse_args()
     pretrain(args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
              warmup_steps=args.warmup_steps, label_smoothing=args.label_smoothing, seed=args.seed,
-             threads=args.threads, work_dir=args.work_dir)
+             threads=args.threads, work_dir=args.work_dir, arch=args.arch)
 
 
 if __name__ == "__main__":
