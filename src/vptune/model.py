@@ -30,7 +30,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "vptune-run/1"
 # Backbone properties a saved run must match; the others (image size, say) may differ.
-_MUST_MATCH = ("family", "architecture", "embed_dim", "depth", "num_heads", "head_dim", "sites", "num_prefix_tokens", "global_pool")
+_MUST_MATCH = ("family", "architecture", "embed_dim", "depth", "num_heads", "head_dim", "sites", "num_prefix_tokens", "global_pool", "window_sizes")
 
 
 def make_head(in_dim: int, num_classes: int, hidden_layers: int = 0) -> nn.Module:

@@ -87,6 +87,9 @@ class Method(nn.Module):
         super().__init__()
         self.kv_cache: dict[Any, Any] = {}
         self.site_rows: dict[str, list[tuple[str, int]]] = {}
+        # Options of a family's walk the run chose (``{"swin": {...}}``, vptune.family_options):
+        # stored, never read, by the method; the family named by the key reads them.
+        self.family_options: dict[str, dict[str, Any]] = {}
 
     def add_site_parameters(self, name: str, shapes: list[tuple[int, ...]], init: Callable[[tuple[int, ...]], Tensor]) -> None:
         """One trained tensor per entry of ``shapes`` (one per site, or per prompt set), stored as

@@ -32,6 +32,7 @@ class E2VPTConfig(MethodConfig):
     segments: int = 0  # pruned runs: see VPTConfig
     segment_layout: str = "contiguous"
     kept_segments: tuple[int, ...] | None = None
+    swin: str | dict | None = None  # see VPTConfig
 
     def __post_init__(self) -> None:
         if self.num_kv_prompts < 1:
@@ -44,6 +45,7 @@ class E2VPTConfig(MethodConfig):
         return VPTConfig(
             num_prompts=self.num_prompts, deep=True, dropout=self.dropout, path=self.path,
             segments=self.segments, segment_layout=self.segment_layout, kept_segments=self.kept_segments,
+            swin=self.swin,
         )
 
     def method_name(self) -> str:
@@ -60,6 +62,7 @@ class E2VPT(Method):
         self.visual = VPT(config.visual_config(), family)
         self.path = config.path
         self.prompt_layers = self.visual.prompt_layers
+        self.family_options = self.visual.family_options
         # Per site (heads, L_kv, head size): one (L, H, L_kv, Dh) tensor when all sites agree.
         shapes = [(site.num_heads, config.num_kv_prompts, site.head_dim) for site in family.sites]
         for name in ("key_prompts",) if config.shared_kv else ("key_prompts", "value_prompts"):

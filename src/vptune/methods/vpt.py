@@ -25,6 +25,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..family_options import swin_options
 from .base import Method, MethodConfig, register, uniform
 
 
@@ -43,8 +44,10 @@ class VPTConfig(MethodConfig):
     segments: int = 0  # pruned runs: the prompt width is split into this many segments
     segment_layout: str = "contiguous"  # "contiguous" | "interleaved" (dimension j in segment j mod R)
     kept_segments: tuple[int, ...] | None = None  # stored segments, token * segments + r; None: all
+    swin: str | dict | None = None  # on Swin: None/"paper", "official" or a dict (vptune.family_options)
 
     def __post_init__(self) -> None:
+        swin_options(self.swin)  # validates
         check_segments(self.num_prompts, self.segments, self.segment_layout, self.kept_segments)
         if self.kept_segments is not None:
             self.kept_segments = tuple(int(i) for i in self.kept_segments)
@@ -117,6 +120,7 @@ class VPT(Method):
             )
         self.config = config
         self.path = config.path
+        self.family_options = {"swin": swin_options(config.swin)}
         self.layers = tuple(layers)
         self.set_of_layer = {layer: 0 if config.shared else j for j, layer in enumerate(self.layers)}
         set_layers = [self.layers] if config.shared else [(layer,) for layer in self.layers]
