@@ -327,3 +327,25 @@ def test_runs_do_not_cross_families(tmp_path):
     other = tiny_swin(window_size=4)  # same widths, other windows
     with pytest.raises(ValueError, match=r"window_sizes"):
         vptune.PromptModel.from_pretrained(other, tmp_path / "swin")
+
+
+@pytest.mark.parametrize("mode", ["log", "zero"])
+def test_pruned_e2vpt_compacts_to_what_the_masks_compute(mode):
+    """E2VPT's pruning on Swin: token and per-width segment masks, then the compact export (pruned
+    tokens gone, pruned segments not stored, one stored tensor per stage width)."""
+    from vptune.pruning.masks import Masks, compact
+
+    model = vptune.prompt_model(tiny_swin("padded"), vptune.E2VPTConfig(num_prompts=4, num_kv_prompts=2, dropout=0.0), C).eval()
+    token = torch.tensor([True, False, True, True])
+    segment = torch.tensor([[True, False, True, True], [True] * 4, [False, True, True, True], [True, True, False, False]])
+    masks = Masks(token, segment, "interleaved", mode)
+    model.method.set_masks(token.float(), segment.float(), mode=mode, layout="interleaved")
+    small = compact(model, masks).eval()
+    kept_tokens = 3 if mode == "log" else 4
+    assert small.config.num_prompts == kept_tokens and small.config.kept_segments is not None
+    values = dict(small.method.visual.named_parameters())
+    stored = 3 + 3 + 2  # kept segments of tokens 0, 2, 3 (a pruned token stores none in "zero" mode)
+    assert values["prompt_values_0"].shape == (2, stored * D0 // 4) and values["prompt_values_1"].shape == (2, stored * D1 // 4)
+    images = images_of("padded")
+    with torch.no_grad():
+        assert torch.allclose(small(images), model(images), atol=1e-5)

@@ -139,19 +139,31 @@ class VPT(Method):
         one_width = len(set(self.set_widths)) == 1
         width = self.set_widths[0] if one_width else None
         self.table_shape = (len(set_layers), num_tokens, width)
-        # Flat positions (token * width + dim) of the stored values when only some segments are kept.
+        # Flat positions (token * width + dim) of the stored values when only some segments are kept,
+        # per prompt width (one per Swin stage): ``prompt_values`` (sets, kept) when every set has
+        # one width, else ``prompt_values_0``, ``_1``, ... per width.
         self.kept_positions: Tensor | None = None
+        self.kept_positions_of: dict[int, Tensor] | None = None
         if config.kept_segments is not None:
-            if config.location != "prepend" or not one_width:
-                raise ValueError("kept_segments applies to prepended prompts of one width only")
-            bound = prompt_init_bound(family.prompt_fan_in, width)
-            segment = segment_of_dim(width, config.segments, config.segment_layout)
+            if config.location != "prepend":
+                raise ValueError("kept_segments applies to prepended prompts only")
             kept = torch.tensor(config.kept_segments, dtype=torch.long)
-            self.kept_positions = torch.cat([
-                t * width + torch.nonzero(segment == r).flatten()
-                for t, r in zip((kept // config.segments).tolist(), (kept % config.segments).tolist())
-            ]) if len(kept) else torch.zeros(0, dtype=torch.long)
-            self.prompt_values = nn.Parameter(torch.empty(len(set_layers), len(self.kept_positions)).uniform_(-bound, bound))
+            pairs = list(zip((kept // config.segments).tolist(), (kept % config.segments).tolist()))
+
+            def positions(w: int) -> Tensor:
+                segment = segment_of_dim(w, config.segments, config.segment_layout)
+                if not pairs:
+                    return torch.zeros(0, dtype=torch.long)
+                return torch.cat([t * w + torch.nonzero(segment == r).flatten() for t, r in pairs])
+
+            self.kept_positions_of = {w: positions(w) for w in dict.fromkeys(self.set_widths)}
+            if one_width:
+                self.kept_positions = self.kept_positions_of[width]
+            width_of_length = {len(v): w for w, v in self.kept_positions_of.items()}
+            self.add_site_parameters(
+                "prompt_values", [(len(self.kept_positions_of[w]),) for w in self.set_widths],
+                lambda shape: uniform(prompt_init_bound(family.prompt_fan_in, width_of_length.get(shape[-1], 1)))(shape),
+            )
         else:
             # One stacked table per prompt width: ``prompt_embeddings`` (sets, p, d) when every block
             # has the same width, else ``prompt_embeddings_0``, ``_1``, ... per width (Swin's stages).
@@ -174,11 +186,25 @@ class VPT(Method):
 
     def prompt_table(self, set_index: int) -> Tensor:
         """Prompt set ``set_index`` (p, k), with absent segments rebuilt as zeros."""
-        if self.kept_positions is None:
+        if self.kept_positions_of is None:
             return self.site_parameter("prompt_embeddings", set_index)
-        values = self.prompt_values[set_index]
-        positions = self.kept_positions.to(values.device)
-        return values.new_zeros(self.table_shape[1] * self.table_shape[2]).index_copy(0, positions, values).view(self.table_shape[1:])
+        values = self.site_parameter("prompt_values", set_index)
+        width = self.set_widths[set_index]
+        positions = self.kept_positions_of[width].to(values.device)
+        p = self.table_shape[1]
+        return values.new_zeros(p * width).index_copy(0, positions, values).view(p, width)
+
+    def stored_tables(self, tables: list[Tensor]) -> dict[str, Tensor]:
+        """The tensors this module stores (``prompt_embeddings*`` or, with kept segments, only the
+        kept values ``prompt_values*``) that hold the full prompt sets ``tables`` (each (p, width))."""
+        name = "prompt_embeddings" if self.kept_positions_of is None else "prompt_values"
+        rows: dict[str, list[tuple[int, Tensor]]] = {}
+        for s, table in enumerate(tables):
+            stacked, row = self.site_rows[name][s]
+            if self.kept_positions_of is not None:
+                table = table.flatten()[self.kept_positions_of[self.set_widths[s]].to(table.device)]
+            rows.setdefault(stacked, []).append((row, table))
+        return {k: torch.stack([t for _, t in sorted(v, key=lambda r: r[0])]) for k, v in rows.items()}
 
     def set_masks(
         self,

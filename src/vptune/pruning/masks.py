@@ -214,12 +214,9 @@ def compact(model: PromptModel, masks: Masks) -> PromptModel:
     small_visual = visual_prompts(small)
     prefix = "method." + ("visual." if isinstance(config, E2VPTConfig) else "")
     with torch.no_grad():
-        table = torch.stack([visual.prompt_table(s) for s in range(visual.table_shape[0])])  # sets, p, k
-        table = table[:, kept_tokens(masks).to(device)]
+        keep = kept_tokens(masks).to(device)
+        tables = [visual.prompt_table(s)[keep] for s in range(visual.table_shape[0])]  # sets x (p', width)
     state = {k: v for k, v in model.tuned_state_dict().items() if not k.startswith(prefix + "prompt_")}
-    if small_visual.kept_positions is None:
-        state[prefix + "prompt_embeddings"] = table
-    else:
-        state[prefix + "prompt_values"] = table.reshape(table.shape[0], -1)[:, small_visual.kept_positions.to(device)]
+    state.update({prefix + name: t for name, t in small_visual.stored_tables(tables).items()})
     small.load_tuned_state_dict(state, source="the pruned prompts")
     return small.train(model.training)

@@ -244,7 +244,7 @@ def prune_run(
     if searching and not has_val:
         raise ValueError(f"{data} has no val split to search the pruning rates on: pass --token-rate and --segment-rate")
     model.to(cfg.torch_device())
-    p, segments, width = config.num_prompts, options.segments, visual_prompts(model).table_shape[2]
+    p, segments, width = config.num_prompts, options.segments, min(visual_prompts(model).set_widths)  # Swin: per stage
     if segments > width:
         raise ValueError(f"--segments {segments} is more than the prompt width {width}: pass at most --segments {width}")
 
