@@ -128,16 +128,25 @@ def test_results_mini_replaces_its_block_and_keeps_other_sections(demo_rows, tmp
     path.write_text("# Results\n\nintro\n\n## Pruning\npruning table\n")
     for wall in (60, 120):
         block = results_mini_block(demo_rows, tiny(["linear", "vpt-deep"]), command="vptune benchmark mini", lr_factors=(1,),
-                                   backbone="b", wall_time_s=wall, complete=False)
+                                   backbone="vptune_vit_fmnist", wall_time_s=wall, complete=False)
         write_results_mini(path, block)
     text = path.read_text()
     assert text.count(BEGIN) == text.count(END) == 1 and "0.03 h" in text and "0.02 h" not in text
     assert text.startswith("# Results\n") and "intro" in text and "## Pruning\npruning table" in text
     assert "**Partial**" in text and "| linear |" in text
+    # Another backbone (the bundled Swin) gets its own block after the ViT's; rewriting it keeps the ViT's.
+    for wall in (60, 180):
+        block = results_mini_block(demo_rows, tiny(["linear"]), command="vptune benchmark mini --backbone vptune_swin_fmnist",
+                                   lr_factors=(1,), backbone="vptune_swin_fmnist", wall_time_s=wall, complete=True)
+        write_results_mini(path, block)
+    again = path.read_text()
+    assert again.count(BEGIN) == again.count(END) == 1 and again.count("--backbone vptune_swin_fmnist: generated") == 1
+    assert again.index(END) < again.index("## `vptune_swin_fmnist`: every method") < again.index("## Pruning")
+    assert "0.05 h" in again and "0.03 h" in again and "0.02 h" not in again
 
 
 def test_demo_without_the_bundled_weights_says_how_to_create_them(tmp_path, monkeypatch):
-    monkeypatch.setattr("vptune.backbones.loading.bundled_weights_path", lambda: tmp_path / "missing.safetensors")
+    monkeypatch.setattr("vptune.backbones.loading.bundled_weights_path", lambda name=None: tmp_path / "missing.safetensors")
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--methods", "linear"])
     assert result.exit_code == 1 and "vptune pretrain" in result.output
 

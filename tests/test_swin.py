@@ -349,3 +349,54 @@ def test_pruned_e2vpt_compacts_to_what_the_masks_compute(mode):
     images = images_of("padded")
     with torch.no_grad():
         assert torch.allclose(small(images), model(images), atol=1e-5)
+
+
+# --- the bundled Swin through the command line ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swin_workspace(tmp_path_factory):
+    """Random honest weights for the bundled Swin's architecture, a two-class image folder and a
+    1-epoch E2VPT run on it through ``vptune train --backbone vptune_swin_fmnist``."""
+    from typer.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from conftest import two_class_workspace
+    from vptune.backbones.bundled import BUNDLED_SWIN, build_bundled
+    from vptune.cli import app
+
+    root = two_class_workspace(tmp_path_factory.mktemp("swin"))
+    torch.manual_seed(0)
+    save_file(honest_(build_bundled(name=BUNDLED_SWIN)).state_dict(), str(root / "swin.safetensors"))
+    result = CliRunner().invoke(app, [str(a) for a in (
+        "train", "--backbone", BUNDLED_SWIN, "--weights", root / "swin.safetensors", "--method", "e2vpt",
+        "--num-prompts", 4, "--data", f"imagefolder:{root / 'images'}", "--out", root / "run", "--epochs", 1,
+        "--batch-size", 4, "--lr", 0.05, "--warmup-epochs", 0, "--device", "cpu",
+    )])
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def test_bundled_swin_trains_evaluates_and_prunes(swin_workspace, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from vptune.cli import app
+
+    root = swin_workspace
+    config = json.loads((root / "run" / "config.json").read_text())
+    assert config["backbone"]["family"] == "swin" and config["backbone"]["architecture"] == "vptune_swin_fmnist"
+    assert [s[0] for s in config["backbone"]["sites"]] == [48, 48, 96, 96] + [192] * 6
+    out = tmp_path / "pruned"
+    result = CliRunner().invoke(app, [str(a) for a in (
+        "prune", "--run", root / "run", "--data", f"imagefolder:{root / 'images'}", "--out", out, "--device", "cpu",
+        "--no-progress", "--token-rate", 0.5, "--segment-rate", 0.5, "--segments", 2, "--epochs", 1,
+    )])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "prune.json").read_text())
+    assert report["masked_vs_compact_max_abs_diff"] < 1e-5
+    widths = 2 * 48 + 2 * 96 + 6 * 192  # one prompt set per block at its stage's width
+    assert report["before"]["tuned_parameters"] - report["rewound"]["tuned_parameters"] == widths * 4 - widths * 2 // 2
+    result = CliRunner().invoke(app, ["eval", "--run", str(out), "--data", f"imagefolder:{root / 'images'}", "--split", "test"])
+    assert result.exit_code == 0, result.output

@@ -709,9 +709,10 @@ def benchmark_mini(
     tasks: Optional[str] = typer.Option(None, help="Comma-separated mini tasks (default: all six)."),
     lrs: str = typer.Option("0.3,1,3", help="Learning-rate factors: each method's recipe lr times each is tried on val."),
     epochs: Optional[int] = typer.Option(None, help="Epochs for every run instead of each recipe's own."),
-    out: Path = typer.Option(Path("benchmark-mini"), help="Folder for the runs; rerun the same command to resume."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the runs (default: benchmark-mini, or benchmark-mini-BACKBONE); rerun the same command to resume."),
     results: Path = typer.Option(Path("docs/results-mini.md"), help="Markdown file whose benchmark section is (re)written."),
     weights: Optional[Path] = typer.Option(None, help="Backbone weights instead of the bundled backbone's shipped ones."),
+    backbone: str = typer.Option(BUNDLED, help="Backbone SPEC (vptune_swin_fmnist: the bundled Swin); its section of the results file is its own."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's; use 1 on a machine busy with other jobs)."),
     tracker: str = typer.Option("none", help="Every run also logs to: none, tensorboard (RUN/tensorboard) or mlflow."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: one SQLite store, OUT/mlflow.db)."),
@@ -729,6 +730,7 @@ def benchmark_mini(
     from vptune.report import results_mini_block, rich_table, write_results_mini, write_rows_json
 
     task_list = comma_list(tasks) or list(MINI_TASKS)
+    out = out or Path("benchmark-mini" if backbone == BUNDLED_BACKBONE else f"benchmark-mini-{backbone}")
     factors = parse_grid(lrs, float, "--lrs")
     settings = {"eval_every": 0, **({} if epochs is None else {"epochs": epochs})}  # val only at the end
     settings.update(tracking_settings(tracker, tracking_uri, out))
@@ -736,7 +738,7 @@ def benchmark_mini(
     total, done, started = len(task_list) * len(recipes), [], time.perf_counter()
 
     def write(rows: list[dict[str, Any]]) -> None:
-        block = results_mini_block(rows, recipes, command=invocation(), lr_factors=factors, backbone=BUNDLED_BACKBONE,
+        block = results_mini_block(rows, recipes, command=invocation(), lr_factors=factors, backbone=backbone,
                                    wall_time_s=time.perf_counter() - started, complete=len(rows) == total)
         write_results_mini(results, block)
         write_rows_json(rows, results.with_suffix(".json"))  # what the block's figures were read from
@@ -746,6 +748,6 @@ def benchmark_mini(
         console.print(run_line(row, len(done), total) + f" (lr {row['lr']:g})", highlight=False)
         write(done)
 
-    rows = benchmark(task_list, recipes, out, lr_factors=factors, weights=weights, on_run=on_run)
-    Console(width=max(console.width, 120)).print(rich_table(rows, f"mini-benchmark, {BUNDLED_BACKBONE}"))
+    rows = benchmark(task_list, recipes, out, lr_factors=factors, weights=weights, on_run=on_run, backbone=backbone)
+    Console(width=max(console.width, 120)).print(rich_table(rows, f"mini-benchmark, {backbone}"))
     console.print(f"results: {results}")

@@ -1,7 +1,7 @@
 """Options of a family's walk that a run records with its method config (``swin=...`` on VPT and
 E2VPT): choices between a paper's behaviour (the default) and its official code's, where the
 two differ in how the backbone treats prompt tokens. Only the family named by the key reads
-them; a method stores them and never interprets them (docs/methods.md, "VPT on Swin").
+them; a method stores them and never interprets them (README, "Where the official code differs from the paper").
 
 Plain Python: the CLI validates a config before torch or timm are imported.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# Swin (docs/methods.md, "VPT on Swin"): paper default first, then the official code's choice.
+# Swin (README, "Where the official code differs from the paper"): paper default first, then the official code's choice.
 SWIN_DEFAULTS: dict[str, Any] = {"merge": "drop", "pool": False, "windows": "each"}
 SWIN_OFFICIAL: dict[str, Any] = {"merge": "tile", "pool": True, "windows": "mean"}
 _SWIN_CHOICES: dict[str, tuple] = {"merge": ("drop", "tile"), "pool": (False, True), "windows": ("each", "mean")}

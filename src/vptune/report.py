@@ -27,6 +27,17 @@ BEGIN = "<!-- BEGIN vptune benchmark mini: generated, edit outside this block --
 END = "<!-- END vptune benchmark mini -->"
 
 
+def markers(backbone: str | None = None) -> tuple[str, str]:
+    """The BEGIN/END markers of the benchmark's block for ``backbone``: the bundled ViT's block
+    keeps the plain markers; another backbone (the bundled Swin) gets its own block beside it."""
+    from .backbones import BUNDLED_BACKBONE
+
+    if backbone is None or backbone == BUNDLED_BACKBONE:
+        return BEGIN, END
+    return (f"<!-- BEGIN vptune benchmark mini --backbone {backbone}: generated, edit outside this block -->",
+            f"<!-- END vptune benchmark mini --backbone {backbone} -->")
+
+
 def machine() -> str:
     """The CPU, its logical core count and torch's threads, for the record of a measurement."""
     cpu = platform.machine()
@@ -237,8 +248,10 @@ def results_mini_block(
         "1000 train+val images and scored on test."
     )
     compute = sum((r["wall_time_s"] or 0.0) + r.get("search_time_s", 0.0) for r in rows)
-    return f"""{BEGIN}
-## Main table: every method on every mini task
+    begin, end = markers(backbone)
+    title = "Main table: every method on every mini task" if begin == BEGIN else f"`{backbone}`: every method on every mini task"
+    return f"""{begin}
+## {title}
 
 - Command: `{command}`
 - Backbone: `{backbone}`
@@ -261,7 +274,7 @@ per image over the frozen backbone with a linear head (of the model as run, LoRA
 
 ### Recipes (before the lr factor)
 {recipes_table(recipes)}
-{END}"""
+{end}"""
 
 
 def write_rows_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:
@@ -276,12 +289,18 @@ def write_rows_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def write_results_mini(path: Path, block: str) -> Path:
-    """Put ``block`` into ``path``, replacing a previous one and keeping every other section."""
+    """Put ``block`` into ``path``, replacing a previous one of the same backbone (its markers)
+    and keeping every other section."""
     path = Path(path)
     text = path.read_text() if path.is_file() else "# Results on the mini-benchmark\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    begin = block.split("\n", 1)[0]
+    end = next(line for line in block.splitlines()[::-1] if line.startswith("<!-- END"))
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    elif begin != BEGIN and END in text:  # another backbone's block goes after the bundled ViT's
+        head, rest = text.split(END, 1)
+        text = f"{head}{END}\n\n{block}{rest}"
     else:
         title, _, body = text.partition("\n")
         text = f"{title}\n\n{block}\n{body}"

@@ -5,7 +5,7 @@ and doubles the width between stages, so stage s has width C*2^s and each block 
 attention site of kind "window". The walk re-composes timm's own submodules (``norm1``, the
 window attention's ``qkv``/``proj`` and relative-position table through ``vptune.attention``,
 ``norm2``, ``mlp``, ``PatchMerging``) with timm's ``window_partition``/``window_reverse``, the
-cyclic shift and its mask (docs/methods.md, "VPT on Swin"):
+cyclic shift and its mask (README, "Where the official code differs from the paper"):
 
 - Prompts (B|1, p, C) are copied into every window of every image and prepended to the
   window's tokens; the relative-position bias and the shifted-window mask get zero rows and
@@ -249,6 +249,8 @@ class SwinFamily(Family):
                 fresh = i in layers
                 if fresh:
                     carried = method.prompts(i, batch)[:, None]  # B|1, 1, p, C
+                    if not torch.is_grad_enabled():  # a no-grad view of a parameter trips module hooks (FLOP counter)
+                        carried = carried.detach()
                 kv = method.kv_prompts(i)
                 hook = method.attention_output(i)
                 extra = 0 if kv is None else kv[0].shape[2]
