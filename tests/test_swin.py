@@ -303,6 +303,14 @@ def test_bad_input_is_refused_clearly(call, error, message):
         call()
 
 
+def test_swin_v2_is_refused_with_the_reason():
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+    v2 = SwinTransformerV2(img_size=32, patch_size=4, embed_dim=16, depths=(2,), num_heads=(2,), window_size=4)
+    with pytest.raises(TypeError, match=r"Swin v2 .* cosine similarity .*post-norm.*use a Swin v1"):
+        vptune.prompt_model(v2, vptune.VPTConfig(), C)
+
+
 def test_any_size_with_dynamic_img_size_walks_like_timm():
     model = tiny_swin(strict_img_size=False)
     images = torch.randn(2, 3, 40, 24)

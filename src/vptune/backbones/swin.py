@@ -65,9 +65,19 @@ class SwinFamily(Family):
 
     @classmethod
     def accepts(cls, model: nn.Module) -> bool:
-        return isinstance(model, SwinTransformer)
+        from timm.models.swin_transformer_v2 import SwinTransformerV2
+
+        return isinstance(model, (SwinTransformer, SwinTransformerV2))
 
     def check(self) -> None:
+        if not isinstance(self.model, SwinTransformer):
+            raise TypeError(
+                f"{architecture(self.model)} is a Swin v2 (timm SwinTransformerV2), which vptune does not support yet: its "
+                "attention is cosine similarity with a learned per-head scale and a continuous position bias from an MLP, "
+                "and its blocks normalise after attention and MLP (post-norm), none of which the scaled-dot-product "
+                "re-composition vptune uses for every other family computes; use a Swin v1 (timm SwinTransformer, "
+                "e.g. swin_tiny_patch4_window7_224, the papers' Swin)"
+            )
         for s, stage in enumerate(self.model.layers):
             merge = stage.downsample
             if type(stage) is not SwinTransformerStage or not isinstance(merge, (PatchMerging, nn.Identity)) or (
