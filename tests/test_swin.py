@@ -253,7 +253,9 @@ METHODS = {
 
 
 def test_methods_cover_every_method():
-    assert set(METHODS) == set(vptune.METHOD_NAMES)
+    assert set(METHODS) | {"coop"} == set(vptune.METHOD_NAMES)
+    with pytest.raises(ValueError, match="coop learns the prompt of a text tower: it needs a CLIP backbone"):
+        vptune.prompt_model(tiny_swin(), vptune.config_for("coop"), C)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
