@@ -82,3 +82,18 @@ def two_class_workspace(root, train: int = 4, size: int = 20):
             for i in range(count):
                 Image.new("RGB", (size, size), tuple(min(255, c + 8 * i) for c in colour)).save(folder / f"{i}.png")
     return root
+
+
+def huge_png(path, width: int, height: int):
+    """A valid 1-bit PNG of ``width`` x ``height`` black pixels: a few KB on disk whatever its size
+    (a decompression bomb, for the pixel-limit tests)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(bytes(height * (1 + (width + 7) // 8)), 9)
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return path

@@ -291,3 +291,47 @@ def test_photo_zoom_splits_come_from_disjoint_tiles_covering_the_photo():
         rows = {int(min(tile)) // 640 // 142 for tile in pixels[split]}
         cols = {int(min(tile)) % 640 // 160 for tile in pixels[split]}
         assert rows == {0, 1, 2} and cols == {0, 1, 2, 3}
+
+
+# ---- risky defaults: symlinks, label typos, huge images -------------------------------------
+
+def test_a_symlinked_folder_is_not_a_class_and_a_loop_does_not_repeat_images(tmp_path):
+    """A link to the train folder itself used to become a class holding every image a second time."""
+    for name in ("cat", "dog"):
+        write_image(tmp_path / "train" / name / "0.png")
+    (tmp_path / "train" / "loop").symlink_to(tmp_path / "train", target_is_directory=True)
+    (tmp_path / "train" / "cat" / "again").symlink_to(tmp_path / "train", target_is_directory=True)
+    with pytest.warns(UserWarning, match=r"skipped symlinked folder\(s\) loop: an image folder's links are not followed"):
+        data = build_data(f"imagefolder:{tmp_path}", CONFIG)
+    assert data.class_names == ["cat", "dog"] and len(data.train) == 2
+
+
+def test_a_label_typo_that_would_build_a_huge_head_is_refused_naming_file_and_line(tmp_path):
+    folder = make_vtab(tmp_path)
+    lines = (folder / "train800.txt").read_text().splitlines()
+    lines[4] = "images/tra4.png 99999"
+    (folder / "train800.txt").write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"train800.txt:5: label 99999 makes 100,000 classes, but the training split "
+                                        r"uses only 4 distinct labels: a typo\?.*--allow-sparse-labels"):
+        build_data(f"vtab1k:{folder}", CONFIG)
+    assert build_data(f"vtab1k:{folder}", CONFIG, allow_sparse_labels=True).num_classes == 100_000
+
+
+def test_images_above_the_pixel_limit_are_refused_before_decoding_or_skipped(tmp_path):
+    """A 100-megapixel PNG of a few KB used to be accepted for training with only Pillow's warning."""
+    from conftest import huge_png
+
+    for name in ("cat", "dog"):
+        write_image(tmp_path / "train" / name / "0.png")
+    huge = huge_png(tmp_path / "train" / "cat" / "huge.png", 10_000, 10_000)  # 100 megapixels in a few KB
+    with pytest.raises(DataError, match=r"huge.png is 10000x10000 = 100 megapixels, above the limit of 16 megapixels"):
+        build_data(f"imagefolder:{tmp_path}", CONFIG)
+    huge.unlink()
+    big = write_image(tmp_path / "train" / "dog" / "big.png", size=(200, 150))
+    with pytest.raises(DataError, match=r"big.png is 200x150 = 0.03 megapixels, above the limit of 0.02 megapixels"):
+        build_data(f"imagefolder:{tmp_path}", CONFIG, max_pixels=20_000)
+    data = build_data(f"imagefolder:{tmp_path}", CONFIG, max_pixels=20_000, skip_bad_images=True)
+    assert len(data.train) == 2 and str(big) in data.skipped[0]
+    assert len(build_data(f"imagefolder:{tmp_path}", CONFIG).train) == 3
+    with pytest.raises(ValueError, match="--max-image-pixels must be >= 1"):
+        build_data(f"imagefolder:{tmp_path}", CONFIG, max_pixels=0)

@@ -45,6 +45,7 @@ from .backbones.family import family_of
 from .flops import count_flops
 from .methods import METHOD_NAMES, MethodConfig, config_for
 from .model import PromptModel
+from .train.config import resolve_device
 
 KEYS = (
     "method", "path", "tuned_params", "tuned_percent", "gflops", "extra_gflops", "infer_img_s",
@@ -125,16 +126,10 @@ class BenchSettings:
         for name in ("num_prompts", "batch_size", "memory_batch_size", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:
-            kind = torch.device(self.device).type
-        except RuntimeError:
-            kind = None
-        if kind not in ("cpu", "cuda"):
+        device = resolve_device(self.device)
+        if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device} requested but torch sees no CUDA GPU; use --device cpu")
+        self.device = str(device)
 
     @property
     def device_type(self) -> str:

@@ -32,6 +32,17 @@ err_console = Console(stderr=True)
 BUNDLED = "vptune_vit_fmnist"  # the bundled backbone's name (vptune.backbones.BUNDLED_BACKBONE)
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters (terminal escape sequences in a class or file name)
+    shown as ``\\x1b`` escapes, so that data never reaches the terminal as commands."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def safe(text: str) -> str:
+    """``text`` from data or the user, ready for a rich console: control characters and markup escaped."""
+    return escape(printable(text))
+
+
 def user_errors(command: Callable) -> Callable:
     """Turn the library's input errors into one red line and exit code 1."""
 
@@ -40,10 +51,13 @@ def user_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except (ValueError, OSError, TypeError, MissingExtra) as err:
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {safe(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+MAX_PIXELS_HELP = "Refuse images above this many pixels, before decoding them (default 16,000,000)."
 
 
 # --- train, eval, predict -----------------------------------------------------------------
@@ -109,6 +123,11 @@ def train(
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip unreadable images (counted in metrics)."),
     final: bool = typer.Option(False, "--final", help="Train on train+val (train800val200) and report test."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Train over whatever --out holds (a run, or other files)."),
+    max_image_pixels: Optional[int] = typer.Option(None, help=MAX_PIXELS_HELP),
+    allow_sparse_labels: bool = typer.Option(
+        False, "--allow-sparse-labels", help="Accept list labels that leave most of 0..max unused (else a typo)."
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     tracker: str = typer.Option("none", help="Also log to: none, tensorboard (event files in RUN/tensorboard) or mlflow."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: an SQLite store, OUT/mlflow.db)."),
@@ -135,21 +154,22 @@ def train(
             metrics = train_run(
                 backbone, method, options, data, out, cfg, weights=weights, pretrained=pretrained, final=final, resume=resume,
                 head=head, templates=templates, text_prompts=None if text_prompts is None else {"kind": "coop", **coop},
-                shots=shots,
+                shots=shots, overwrite=overwrite, max_image_pixels=max_image_pixels,
+                allow_sparse_labels=allow_sparse_labels,
             )
     except KeyboardInterrupt:
-        err_console.print(f"[bold red]interrupted:[/] the last checkpoint in {escape(str(out))} is kept; "
+        err_console.print(f"[bold red]interrupted:[/] the last checkpoint in {safe(str(out))} is kept; "
                           "run the same command with --resume to continue", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     if not main:
         return
-    table = Table(title=f"{method} on {data}", show_header=False)
+    table = Table(title=f"{safe(method)} on {safe(data)}", show_header=False)
     keys = ["val_top1", "test_top1", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s", "images_per_s"]
     for key in keys + (["skipped_images"] if metrics.get("skipped_images") else []):
         value = metrics.get(key)
         table.add_row(key, "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
-    console.print(f"run folder: {out}")
+    console.print(f"run folder: {safe(str(out))}")
 
 
 @app.command("eval")
@@ -163,15 +183,20 @@ def eval_(
     batch_size: int = typer.Option(256, help="Images per batch."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip unreadable images (and count them)."),
+    max_image_pixels: Optional[int] = typer.Option(None, help=MAX_PIXELS_HELP),
+    allow_sparse_labels: bool = typer.Option(
+        False, "--allow-sparse-labels", help="Accept list labels that leave most of 0..max unused (else a typo)."
+    ),
 ) -> None:
     """Top-1 accuracy of a run folder on one split of a dataset."""
     from vptune.train import evaluate_run, load_run
 
     model = load_run(run, backbone, weights=weights)
-    result = evaluate_run(model, data, split, batch_size=batch_size, device=device, skip_bad_images=skip_bad_images)
+    result = evaluate_run(model, data, split, batch_size=batch_size, device=device, skip_bad_images=skip_bad_images,
+                          max_pixels=max_image_pixels, allow_sparse_labels=allow_sparse_labels)
     skipped = f", {result['skipped_images']} unreadable skipped" if result["skipped_images"] else ""
     console.print(
-        f"{escape(str(run))} on {escape(data)} ({split}): top-1 [bold]{result['top1']:.2f}%[/]"
+        f"{safe(str(run))} on {safe(data)} ({split}): top-1 [bold]{result['top1']:.2f}%[/]"
         f"  loss {result['loss']:.4f}  ({result['count']} images{skipped})"
     )
 
@@ -184,17 +209,18 @@ def predict(
     top_k: int = typer.Option(3, help="Labels to show per image."),
     backbone: Optional[str] = typer.Option(None, help="Backbone SPEC (default: the one the run recorded)."),
     weights: Optional[Path] = typer.Option(None, help="Local backbone weights (default: the ones the run recorded)."),
+    max_image_pixels: Optional[int] = typer.Option(None, help=MAX_PIXELS_HELP),
 ) -> None:
     """Top-k labels with probabilities for each image; unreadable files are reported, not fatal."""
     from vptune.train import load_run, predict_files
 
-    results = predict_files(load_run(run, backbone, weights=weights), images, top_k=top_k)
+    results = predict_files(load_run(run, backbone, weights=weights), images, top_k=top_k, max_pixels=max_image_pixels)
     for result in results:
         if "error" in result:
-            err_console.print(f"[red]{escape(result['error'])}[/]", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]{safe(result['error'])}[/]", highlight=False, soft_wrap=True)
         else:
-            labels = ", ".join(f"[bold]{escape(name)}[/] ({p:.1%})" for name, p in result["top"])
-            console.print(f"{escape(result['file'])}: {labels}", highlight=False, soft_wrap=True)
+            labels = ", ".join(f"[bold]{safe(name)}[/] ({p:.1%})" for name, p in result["top"])
+            console.print(f"{safe(result['file'])}: {labels}", highlight=False, soft_wrap=True)
     failed = sum("error" in r for r in results)
     if failed:
         err_console.print(f"[bold red]error:[/] {failed} of {len(results)} images could not be read")
@@ -212,12 +238,13 @@ def zeroshot(
     weights: Optional[Path] = typer.Option(None, help="Local CLIP weights (.safetensors, .pt)."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Unused for open_clip specs (the TAG picks the weights)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write over whatever --out holds (a run, or other files)."),
 ) -> None:
     """Write CLIP's zero-shot classifier (text embeddings of the class names) as a run folder."""
     from vptune.train.run import zeroshot_run
 
     metrics = zeroshot_run(backbone, out, data=data, classes=None if classes is None else classes.split(","),
-                           templates=templates, weights=weights, pretrained=pretrained, device=device)
+                           templates=templates, weights=weights, pretrained=pretrained, device=device, overwrite=overwrite)
     score = "" if metrics["test_top1"] is None else f": test top-1 [bold]{metrics['test_top1']:.2f}%[/]"
     console.print(f"zero-shot classifier for {len(metrics['class_names'])} classes{score}")
     console.print(f"run folder: {out}")
@@ -335,7 +362,7 @@ def sweep(
         summary = run_sweep(config, console=console)
     except (KeyboardInterrupt, SweepInterrupted) as err:
         message = str(err) or "the sweep was interrupted; run the same command again to resume it"
-        err_console.print(f"[bold red]interrupted:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]interrupted:[/] {safe(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     table = Table(title=f"{method} on {backbone}: chosen on val, test top-1 over {len(config.seeds)} seeds")
     for column in ("task", "group", "base lr", "wd", "prompts", "val top-1", "test top-1", "tuned %"):
@@ -351,9 +378,11 @@ def sweep(
     console.print(table)
     for group, entry in summary["groups"].items():
         console.print(f"{group}: mean test top-1 {entry['test_top1_mean']:.2f} over {len(entry['tasks'])} tasks")
-    if summary["failed"]:
-        err_console.print(f"[bold red]{len(summary['failed'])} runs failed[/] (errors in sweep.json); rerun to retry them")
     console.print(f"summary: {out / 'sweep.md'}, {out / 'sweep.json'}")
+    if summary["failed"]:
+        err_console.print(f"[bold red]error:[/] {len(summary['failed'])} runs failed (errors in sweep.json); "
+                          "rerun to retry them", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -601,6 +630,7 @@ def prune(
     weights: Optional[Path] = typer.Option(None, help="Local backbone weights, if not the recorded ones."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     progress: bool = typer.Option(True, help="Show the rewinding's progress bar."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write over whatever --out holds (a run, or other files)."),
 ) -> None:
     """Prune the visual prompts of an E2VPT (or VPT-deep) run, rewind, and export a compact run."""
     from vptune.pruning import PRUNE_FILE, PruneOptions, prune_run
@@ -610,7 +640,8 @@ def prune(
         mask_mode=mask_mode, segment_layout=segment_layout, epochs=epochs, search_epochs=search_epochs,
         tolerance=tolerance, batch_size=batch_size, device=device,
     )
-    report = prune_run(run, data, out, options, backbone=backbone, weights=weights, progress=progress, log=console.print)
+    report = prune_run(run, data, out, options, backbone=backbone, weights=weights, progress=progress, log=console.print,
+                       overwrite=overwrite)
     table = Table(title=f"{report['method']}: token rate {report['token_rate']:.3g}, segment rate "
                   f"{report['segment_rate']:.3g}, rewound from {rewind} values; GFLOPs per image")
     for column in ("stage", "prompts", "tuned", "GFLOPs", "extra", "val top-1", "test top-1"):
@@ -653,7 +684,7 @@ def tracking_settings(tracker: str, tracking_uri: Optional[str], out: Path) -> d
 
 def run_line(row: dict[str, Any], done: int, total: int) -> str:
     if row["error"]:
-        return f"[{done}/{total}] {row['task']} {row['method']}: [red]diverged[/] ({escape(row['error'][:80])})"
+        return f"[{done}/{total}] {row['task']} {row['method']}: [red]diverged[/] ({safe(row['error'][:80])})"
     val = "" if row["val_top1"] is None else f" (val {row['val_top1']:.2f}%)"
     return f"[{done}/{total}] {row['task']} {row['method']}: test top-1 {row['test_top1']:.2f}%{val}, {row['wall_time_s']:.0f} s"
 

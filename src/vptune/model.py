@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_write
 from .backbones.family import Family, family_of
 from .heads import HeadConfig, build_head
 from .methods import MethodConfig, config_from_dict
@@ -29,6 +30,9 @@ from .tasks import ClassificationTask, Task
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "vptune-run/1"
+# More classes than any classification benchmark (ImageNet-21k: 21,843); a head this wide on
+# ViT-B already holds 768M parameters, so a larger count is a typo or a damaged run, refused.
+MAX_CLASSES = 1_000_000
 # Backbone properties a saved run must match; the others (image size, say) may differ.
 _MUST_MATCH = ("family", "architecture", "embed_dim", "depth", "num_heads", "head_dim", "sites", "num_prefix_tokens", "global_pool", "window_sizes")
 
@@ -61,9 +65,7 @@ class PromptModel(nn.Module):
         super().__init__()
         family = family_of(backbone)
         if task is None:
-            if num_classes is None or num_classes < 1:
-                raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-            task = ClassificationTask(num_classes, config.head_hidden_layers())
+            task = ClassificationTask(check_num_classes(num_classes), config.head_hidden_layers())
         backbone.requires_grad_(False)
         backbone.eval()
         self.config = config
@@ -212,12 +214,9 @@ class PromptModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.contiguous().cpu() for name, t in self.tuned_state_dict().items()}
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        os.replace(tmp, directory / WEIGHTS_FILE)
-        tmp = directory / (CONFIG_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.run_config(), indent=2))
-        os.replace(tmp, directory / CONFIG_FILE)
+        atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
+        config = json.dumps(self.run_config(), indent=2)
+        atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(config))
 
     @classmethod
     def from_pretrained(
@@ -243,6 +242,14 @@ class PromptModel(nn.Module):
                     HeadConfig.from_dict(run.get("head")), init_head=False, task=task_from_dict(run.get("task")),
                     backbone_train_mode=run.get("backbone_train_mode", False), also_tune=bool(run.get("also_tuned")))
         model.metadata = run.get("metadata", {})
+        names = model.metadata.get("class_names") if isinstance(model.task, ClassificationTask) else None
+        if names is not None and (not isinstance(names, list) or len(names) != model.num_classes
+                                  or not all(isinstance(name, str) for name in names)):
+            count = len(names) if isinstance(names, list) else type(names).__name__
+            raise ValueError(
+                f"{directory / CONFIG_FILE}: metadata.class_names holds {count} names for {model.num_classes} classes; "
+                "expected one name (a string) per class: the run folder is damaged"
+            )
         model.load_tuned_state_dict(read_weights(directory), source=str(directory / WEIGHTS_FILE))
         return model.to(next(backbone.parameters()).device)
 
@@ -263,6 +270,19 @@ def task_from_dict(data: dict[str, Any] | None) -> Task | None:
     if name not in TASKS:
         raise ValueError(f"run config names task {name!r}; vptune knows {', '.join(TASKS)}")
     return TASKS[name](**data)
+
+
+def check_num_classes(num_classes: Any) -> int:
+    """``num_classes`` if it is an integer from 1 to MAX_CLASSES, else a ValueError saying why
+    (before a head of that size is allocated)."""
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if num_classes > MAX_CLASSES:
+        raise ValueError(
+            f"num_classes is {num_classes:,}: more than {MAX_CLASSES:,} classes is refused (the head alone would hold "
+            f"{num_classes:,} x width weights); a label or config typo?"
+        )
+    return num_classes
 
 
 def read_run_config(directory: Path) -> dict[str, Any]:

@@ -7,6 +7,7 @@ head); any other missing, unexpected or mis-shaped tensor is an error naming fil
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import timm
@@ -90,6 +91,32 @@ def _create_timm(name: str, pretrained: bool) -> nn.Module:
         ) from error
 
 
+def cached_pretrained_weights(name: str) -> Path | None:
+    """The local file of timm's pretrained weights for model ``name`` if an earlier download left
+    it in the Hugging Face hub cache or torch's hub cache; never downloads anything."""
+    import os
+    from urllib.parse import urlparse
+
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name) if timm.is_model(name) else None
+    if cfg is None:
+        return None
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        for filename in [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]:
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return Path(found)
+    if cfg.url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(cfg.url).path)
+        if path.is_file():
+            return path
+    return None
+
+
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local weights file into ``model``; the classifier head may differ or be absent."""
     path = Path(path)
@@ -101,18 +128,35 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             raise ValueError(f"{path}: big_vision .npz weights load into timm VisionTransformer models only, not {type(model).__name__}")
         try:
             model.load_pretrained(str(path))
-        except (KeyError, ValueError, RuntimeError) as error:
+        except Exception as error:  # noqa: BLE001  numpy and zipfile raise many types for a damaged file
             raise ValueError(
-                f"{path} does not fit {type(model).__name__} as big_vision npz weights ({type(error).__name__}: {error})"
-            ) from error
+                f"{path} does not fit {type(model).__name__} as big_vision npz weights, or is damaged "
+                f"({type(error).__name__}: {error})"
+            ) from None
         return
-    if suffix == ".safetensors":
-        state = load_file(str(path))
-    elif suffix in (".pth", ".pt", ".bin"):
-        state = _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
-    else:
+    if suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         raise ValueError(f"unsupported weights file {path}: expected .safetensors, .pth/.pt or .npz")
-    load_state(model, state, source=str(path))
+    try:
+        if suffix == ".safetensors":
+            state = load_file(str(path))
+        else:  # weights_only: a pickle that would run code or build objects is refused, never executed
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"weights file {path} cannot be read: it holds pickled objects other than tensors, which vptune never "
+            "loads (they could run code); use a .safetensors file, or a .pth of plain tensors"
+        ) from None
+    except Exception as error:  # noqa: BLE001  truncated or damaged: torch and safetensors raise many types
+        raise ValueError(
+            f"weights file {path} cannot be read ({type(error).__name__}: {_first_sentence(error)}): it is truncated "
+            "or damaged; download it again"
+        ) from None
+    load_state(model, _unwrap(state, path) if suffix != ".safetensors" else state, source=str(path))
+
+
+def _first_sentence(error: Exception) -> str:
+    """torch's load errors run to a paragraph of advice; their first sentence says what was wrong."""
+    return str(error).strip().split(". ")[0]
 
 
 def _unwrap(obj: object, path: Path) -> dict[str, torch.Tensor]:

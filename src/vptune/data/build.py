@@ -10,7 +10,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from . import mini, sources
-from .images import ArrayImages, DataError, ImageFiles, Sample, check_images
+from .images import ArrayImages, DataError, ImageFiles, Sample, check_images, check_max_pixels
 from .transforms import fgvc_transforms, resize_transform
 
 SPEC_FORMS = "imagefolder:PATH, vtab1k:ROOT/TASK, fgvc:ROOT/NAME or mini:TASK"
@@ -30,26 +30,23 @@ class DataBundle:
     notes: list[str] = field(default_factory=list)  # facts about the source worth telling the user
 
 
-def build_data(spec: str, data_config: dict, *, final: bool = False, skip_bad_images: bool = False) -> DataBundle:
+def build_data(
+    spec: str, data_config: dict, *, final: bool = False, skip_bad_images: bool = False, max_pixels: int | None = None,
+    allow_sparse_labels: bool = False,
+) -> DataBundle:
     """Datasets for ``spec`` (``imagefolder:PATH``, ``vtab1k:ROOT/TASK``, ``fgvc:ROOT/NAME``,
     ``mini:TASK``) sized from ``data_config`` (timm's ``resolve_data_config(model=backbone)``).
 
     ``final`` trains on train+val (VTAB's train800val200) and keeps val for reporting. Bad
-    images raise a DataError naming the file, or with ``skip_bad_images`` are left out and
-    listed in ``skipped``."""
-    kind, _, argument = spec.partition(":")
-    if not argument:
-        raise DataError(f"data spec {spec!r} is not understood; expected {SPEC_FORMS} "
-                        f"(mini tasks: {', '.join(mini.MINI_TASKS)})")
+    images (unreadable, or above ``max_pixels``, default 16 megapixels) raise a DataError
+    naming the file, or with ``skip_bad_images`` are left out and listed in ``skipped``. List
+    and JSON labels that leave most of 0..max unused are refused as a typo unless
+    ``allow_sparse_labels``."""
+    check_max_pixels(max_pixels)
+    kind, argument = _parse(spec)
     if kind == "mini":
         return _mini(argument, spec, data_config, final)
-    if kind in ("minivl", "vqav2", "nlvr2", "f30k"):
-        raise DataError(f"{spec} is vision-language data (images with text): read it with "
-                        "vptune.data.build_vl_data(spec, data_config, tokenizer)")
-    readers = {"imagefolder": sources.imagefolder, "vtab1k": sources.vtab1k, "fgvc": sources.fgvc}
-    if kind not in readers:
-        raise DataError(f"unknown data source {kind!r} in {spec!r}; expected {SPEC_FORMS}")
-    source = readers[kind](Path(argument).expanduser())
+    source = _source(kind, argument, allow_sparse_labels)
     for note in source.notes:
         warnings.warn(note, stacklevel=2)
 
@@ -60,9 +57,9 @@ def build_data(spec: str, data_config: dict, *, final: bool = False, skip_bad_im
     def dataset(samples: list[Sample] | None, transform) -> ImageFiles | None:
         if samples is None:
             return None
-        kept, bad = check_images(samples, skip_bad_images)
+        kept, bad = check_images(samples, skip_bad_images, max_pixels)
         skipped.extend(bad)
-        return ImageFiles(kept, transform)
+        return ImageFiles(kept, transform, max_pixels)
 
     train_samples = source.trainval if final and source.trainval is not None else source.train
     train = dataset(train_samples, train_transform)
@@ -70,6 +67,36 @@ def build_data(spec: str, data_config: dict, *, final: bool = False, skip_bad_im
         raise DataError(f"{spec}: no readable training images ({len(skipped)} skipped)")
     return DataBundle(train, dataset(source.val, eval_transform), dataset(source.test, eval_transform),
                       source.num_classes, source.class_names, skipped, spec, source.notes)
+
+
+def check_data(spec: str, *, allow_sparse_labels: bool = False) -> None:
+    """Read ``spec``'s layout (folders, split files, labels) without opening an image: a quick
+    check, for a command whose training happens elsewhere (a sweep's trials), that the data is there."""
+    kind, argument = _parse(spec)
+    if kind == "mini":
+        mini.task(argument)
+    else:
+        _source(kind, argument, allow_sparse_labels)
+
+
+def _parse(spec: str) -> tuple[str, str]:
+    kind, _, argument = spec.partition(":")
+    if not argument:
+        raise DataError(f"data spec {spec!r} is not understood; expected {SPEC_FORMS} "
+                        f"(mini tasks: {', '.join(mini.MINI_TASKS)})")
+    if kind in ("minivl", "vqav2", "nlvr2", "f30k"):
+        raise DataError(f"{spec} is vision-language data (images with text): read it with "
+                        "vptune.data.build_vl_data(spec, data_config, tokenizer)")
+    if kind not in ("mini", "imagefolder", "vtab1k", "fgvc"):
+        raise DataError(f"unknown data source {kind!r} in {spec!r}; expected {SPEC_FORMS}")
+    return kind, argument
+
+
+def _source(kind: str, argument: str, allow_sparse_labels: bool) -> sources.Source:
+    path = Path(argument).expanduser()
+    if kind == "imagefolder":
+        return sources.imagefolder(path)
+    return (sources.vtab1k if kind == "vtab1k" else sources.fgvc)(path, allow_sparse_labels)
 
 
 def _mini(name: str, spec: str, data_config: dict, final: bool) -> DataBundle:

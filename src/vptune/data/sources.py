@@ -28,7 +28,10 @@ class Source:
 
 
 def imagefolder(root: Path) -> Source:
-    """Class subfolders, either directly under ``root`` or under train/ (and optional val/, test/)."""
+    """Class subfolders, either directly under ``root`` or under train/ (and optional val/, test/).
+
+    A symlinked folder is not followed as a class (a link to a parent folder would make every
+    image a second time); each one skipped is named in the notes."""
     if not root.is_dir():
         raise DataError(f"imagefolder:{root}: no such folder; expected class subfolders, optionally under train/ val/ test/")
     splits = {name: root / name for name in ("train", "val", "test") if (root / name).is_dir()}
@@ -39,13 +42,13 @@ def imagefolder(root: Path) -> Source:
         splits = {"train": root}
         notes.append(f"{root} has no train/val/test subfolders: every image is used for training; "
                      "there is no val or test split")
-    classes = _subfolders(splits["train"])
+    classes = _subfolders(splits["train"], notes)
     if not classes:
         raise DataError(f"{splits['train']} has no class subfolders; expected one folder of images per class")
     lists: dict[str, list[Sample] | None] = {"val": None, "test": None}
     for split, folder in splits.items():
         samples = []
-        for name in _subfolders(folder):
+        for name in _subfolders(folder, notes if split != "train" else None):
             if name not in classes:
                 raise DataError(f"{folder / name} is not one of the classes in {splits['train']} ({', '.join(classes)})")
             files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
@@ -56,11 +59,21 @@ def imagefolder(root: Path) -> Source:
     return Source(lists["train"], lists["val"], lists["test"], None, len(classes), classes, augment=False, notes=notes)
 
 
-def _subfolders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _subfolders(folder: Path, notes: list[str] | None) -> list[str]:
+    """The real (not symlinked, not hidden) subfolders; the symlinked ones are named in ``notes``."""
+    names, links = [], []
+    for path in folder.iterdir():
+        if not path.name.startswith(".") and path.is_dir():
+            (links if path.is_symlink() else names).append(path.name)
+    if links and notes is not None:
+        notes.append(
+            f"{folder}: skipped symlinked folder(s) {', '.join(sorted(links))}: an image folder's links are not "
+            "followed (a link loop would repeat images); replace them with real folders to use them as classes"
+        )
+    return sorted(names)
 
 
-def vtab1k(task_dir: Path) -> Source:
+def vtab1k(task_dir: Path, allow_sparse_labels: bool = False) -> Source:
     """VTAB-1k list files, one ``relative/path label`` per line; paths relative to the task
     folder or to its parent (the VTAB root)."""
     _require(task_dir, ("train800.txt", "val200.txt", "test.txt"), VTAB_FILES, "vtab1k",
@@ -68,11 +81,11 @@ def vtab1k(task_dir: Path) -> Source:
     read = lambda name: _read_list(task_dir / name, (task_dir, task_dir.parent))  # noqa: E731
     train, val, test = read("train800.txt"), read("val200.txt"), read("test.txt")
     trainval = read("train800val200.txt") if (task_dir / "train800val200.txt").is_file() else train + val
-    num_classes = _check_labels(trainval + train + val, [val, test, trainval])
+    num_classes = _check_labels(trainval + train + val, [val, test, trainval], allow_sparse_labels)
     return Source(train, val, test, trainval, num_classes, _class_names(train + val, num_classes), augment=False)
 
 
-def fgvc(folder: Path) -> Source:
+def fgvc(folder: Path, allow_sparse_labels: bool = False) -> Source:
     """VPT's FGVC split files (train.json, val.json, test.json) mapping image path to label;
     images under ``folder/images`` or relative to ``folder``."""
     _require(folder, ("train.json", "test.json"), FGVC_FILES, "fgvc", "a JSON object mapping image path to integer label")
@@ -80,7 +93,7 @@ def fgvc(folder: Path) -> Source:
     train, test = read("train.json"), read("test.json")
     val = read("val.json") if (folder / "val.json").is_file() else None
     trainval = train + (val or [])
-    num_classes = _check_labels(train, [test] + ([val] if val else []))
+    num_classes = _check_labels(train, [test] + ([val] if val else []), allow_sparse_labels)
     notes = [] if val else [f"{folder} has no val.json: no validation split"]
     return Source(train, val, test, trainval, num_classes, _class_names(trainval, num_classes), augment=True, notes=notes)
 
@@ -153,9 +166,21 @@ def _non_negative(label: int, where: str) -> int:
     return label
 
 
-def _check_labels(training: list[Sample], others: list[list[Sample]]) -> int:
-    """The class count inferred from the training labels; any other label must fit it."""
-    num_classes = max(s.label for s in training) + 1
+def _check_labels(training: list[Sample], others: list[list[Sample]], allow_sparse: bool = False) -> int:
+    """The class count inferred from the training labels; any other label must fit it.
+
+    Labels must be 0..C-1 with few gaps: when the training split uses fewer than half of the
+    labels below its largest, that label is taken for a typo (``99999`` among labels 0..9 would
+    build a 100,000-class head) and refused, naming its file and line, unless ``allow_sparse``."""
+    top = max(training, key=lambda s: s.label)
+    num_classes = top.label + 1
+    used = len({s.label for s in training})
+    if not allow_sparse and used < num_classes / 2:
+        raise DataError(
+            f"{top.origin}: label {top.label} makes {num_classes:,} classes, but the training split uses only {used} "
+            f"distinct labels: a typo? Labels must be 0..num_classes-1 with few gaps; pass --allow-sparse-labels to "
+            f"train a {num_classes:,}-class head anyway"
+        )
     for samples in others:
         for s in samples:
             if s.label >= num_classes:

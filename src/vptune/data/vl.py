@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import DataError
+from .images import DataError, open_image
 
 VL_SPEC_FORMS = "minivl:vqa, minivl:nlvr, minivl:retrieval, vqav2:ROOT, nlvr2:ROOT or f30k:ROOT"
 DEFAULT_MAX_LENGTH = 40  # ViLT's text length
@@ -51,7 +51,7 @@ class ImageTable:
             return Image.fromarray(self.arrays[index]).convert("RGB")
         path = self.paths[index]
         try:
-            with Image.open(path) as image:
+            with open_image(path) as image:  # refused above the pixel limit, before decoding
                 return image.convert("RGB")
         except (OSError, ValueError) as error:
             raise DataError(f"cannot read image {path}: {error}") from error

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.transforms import backbone_data_config
+from ..atomic import atomic_write
 from ..flops import count_flops, extra_flops
 from ..methods import config_from_dict
 from ..methods.vpt import MASK_MODES, SEGMENT_LAYOUTS
@@ -41,7 +42,8 @@ from ..model import WEIGHTS_FILE, PromptModel, read_run_config
 from ..train import TrainConfig, evaluate, fit, load_run
 from ..train.checkpoint import CHECKPOINT_FILE
 from ..train.config import without_tracking
-from ..train.run import INIT_FILE, METRICS_FILE, write_json
+from ..train.folder import INIT_FILE, METRICS_FILE, PRUNE_FILE, PRUNE_PROGRESS_FILE, claim_run_folder, run_folder_lock
+from ..train.run import write_json
 from .masks import (
     SCORES,
     Masks,
@@ -58,8 +60,6 @@ from .masks import (
     visual_prompts,
 )
 
-PRUNE_FILE = "prune.json"
-PROGRESS_FILE = "prune-progress.json"
 TOKEN_RATES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the official grid's token percentages
 REWINDS = ("original", "fresh")
 SEARCHES = ("cascade", "grid")
@@ -184,7 +184,7 @@ def masked_equals_compact(model: PromptModel, small: PromptModel, masks: Masks, 
 
 def previous_candidates(out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     """The search candidates an interrupted prune with the same ``settings`` finished in ``out``."""
-    path = out / PROGRESS_FILE
+    path = out / PRUNE_PROGRESS_FILE
     if not path.is_file():
         return []
     try:
@@ -209,16 +209,29 @@ def prune_run(
     weights: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Prune the E2VPT or VPT-deep run in ``run`` on ``data`` and write the rewound compact run
-    and ``prune.json`` to ``out``. Returns the report written to ``prune.json``."""
-    from ..data import build_data
+    and ``prune.json`` to ``out``. Returns the report written to ``prune.json``.
 
+    ``out`` must be new or an earlier pruning (which resumes); a folder holding anything else
+    is refused unless ``overwrite``. It is locked while the pruning runs."""
     run, out = Path(run), Path(out)
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {run} does not exist: pass a folder written by vptune train")
     if out.resolve() == run.resolve():
         raise ValueError(f"--out {out} is the run being pruned: choose another folder")
+    with run_folder_lock(out):
+        claim_run_folder(out, resume=False, overwrite=overwrite, kind="prune")
+        return _prune(run, data, out, options, backbone=backbone, weights=weights, progress=progress, log=log)
+
+
+def _prune(
+    run: Path, data: str, out: Path, options: PruneOptions, *, backbone: str | None, weights: str | Path | None,
+    progress: bool, log: Callable[[str], None],
+) -> dict[str, Any]:
+    from ..data import build_data
+
     saved = read_run_config(run)
     config = config_from_dict(saved["method_config"])
     check_prunable(config, where=f"run folder {run}")
@@ -274,6 +287,8 @@ def prune_run(
         "train_config": {k: v for k, v in without_tracking(cfg.to_dict()).items() if k != "device"},
     }
     previous = previous_candidates(out, settings)
+    if not previous:  # marks out as this pruning's folder from the start: a rerun resumes it, another command is refused
+        write_json(out / PRUNE_PROGRESS_FILE, {"settings": settings, "candidates": []})
 
     def trained_val(key: dict[str, Any], build: Callable[[], PromptModel], epochs: int) -> tuple[float, PromptModel | None]:
         """Val top-1 of a search candidate after ``epochs`` of training, and the trained candidate;
@@ -288,7 +303,7 @@ def prune_run(
         val = fit(candidate, bundle, short, progress=False)["val_top1"]
         search["candidates"].append({**key, "val_top1": val})
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / PROGRESS_FILE, {"settings": settings, "candidates": search["candidates"]})
+        write_json(out / PRUNE_PROGRESS_FILE, {"settings": settings, "candidates": search["candidates"]})
         return val, candidate
 
     token_rates = [options.token_rate] if options.token_rate is not None else token_candidates(p)
@@ -360,7 +375,7 @@ def prune_run(
     out.mkdir(parents=True, exist_ok=True)
     final.metadata.update(pruned_from=str(run.resolve()), pruning=masks.describe())
     final.save_pretrained(out)
-    save_file(start, str(out / INIT_FILE))  # a pruned run can be rewound again, like a trained one
+    atomic_write(out / INIT_FILE, lambda tmp: save_file(start, str(tmp)))  # a pruned run can be rewound again, like a trained one
     report = {
         "run": str(run),
         "out": str(out),

@@ -42,12 +42,17 @@ def run_sweep(config: SweepConfig, trainer: Trainer | None = None, console: Cons
     """Run the protocol and return the summary written to ``sweep.json``.
 
     ``trainer`` trains one run (default ``vptune.train.train_run``; it must be importable by
-    Ray's workers). A failed run is recorded with its error and the sweep goes on without it;
+    Ray's workers). Every task's data is checked (its layout, not its images) before Ray
+    starts. A failed run is recorded with its error and the sweep goes on without it;
     an interrupted sweep raises ``SweepInterrupted`` and resumes when run again.
     """
     if trainer is None:
         from ..train import train_run as trainer
+    from ..data.build import check_data
+
     console = console or Console()
+    for spec in config.data:  # before Ray starts: a missing folder fails here, not in every trial
+        check_data(spec)
     config.out.mkdir(parents=True, exist_ok=True)
     if config.train.tracker != "none":  # every trial logs into one store, made before they start
         uri = shared_store(config.train.tracker, config.train.tracking_uri, config.out)

@@ -118,7 +118,9 @@ def run_trial(trial_config: dict[str, Any], *, config: FewShotConfig) -> None:
     torch.set_num_threads(max(1, int(config.cpus_per_trial)))
     folder = run.folder(config.out)
     if run.method == ZEROSHOT:
-        metrics = zeroshot_run(config.backbone, folder, data=run.data, weights=config.weights, device=config.train.device)
+        # a folder without metrics.json is this trial's own unfinished write: written again
+        metrics = zeroshot_run(config.backbone, folder, data=run.data, weights=config.weights, device=config.train.device,
+                               overwrite=True)
     else:
         _, name, kwargs, lr = config.parse(config.method_of(run.method))
         cfg = dataclasses.replace(config.train, seed=run.seed, **({} if lr is None else {"lr": lr}))

@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
 from ..methods import config_for
 from ..train import TrainConfig
 
@@ -339,6 +340,5 @@ def read_outcome(run: Run, out: Path) -> Outcome | None:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write atomically, so a kill mid-write never leaves a half file that looks finished."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, default=str)
+    atomic_write(path, lambda tmp: tmp.write_text(text))

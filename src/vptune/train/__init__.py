@@ -1,5 +1,6 @@
 """The training engine: a readable loop (``loop.fit``), its optimiser and schedule, resumable
-checkpoints, and whole runs driven by names (``run.train_run``)."""
+checkpoints, run folders that are never written over unasked and are locked while written
+(``folder``), and whole runs driven by names (``run.train_run``)."""
 
 from .config import TrainConfig
 from .loop import NonFiniteLossError, evaluate, fit

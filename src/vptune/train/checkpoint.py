@@ -3,20 +3,21 @@
 A checkpoint holds the tuned tensors, the optimiser state, the epoch and step (which fix the
 learning-rate schedule and the data order), the training curve so far and every random
 number generator's state (torch CPU and CUDA, numpy, python). It is written with
-``torch.save`` to a temporary file and moved into place with ``os.replace``, so a kill
+``torch.save`` through ``atomic_write``, so a kill or a full disk
 mid-write leaves the previous checkpoint intact, and it is read with
 ``torch.load(weights_only=True)``, which cannot run code from the file.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_write
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -44,10 +45,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(directory: Path, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` to ``directory/checkpoint.pt``."""
     path = directory / CHECKPOINT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(directory: Path) -> dict[str, Any]:

@@ -23,6 +23,25 @@ def without_tracking(settings: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in settings.items() if key not in TRACKING_FIELDS}
 
 
+def resolve_device(spec: str) -> torch.device:
+    """The torch device for ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; a GPU this machine's torch
+    cannot use is refused with the reason, instead of failing deep inside torch."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "torch sees no CUDA GPU here"
+            raise ValueError(f"--device {spec}: {why} (torch {torch.__version__}); use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {spec}: torch sees {count} CUDA GPU(s) here (cuda:0 to cuda:{count - 1})")
+    return device
+
+
 @dataclasses.dataclass
 class TrainConfig:
     epochs: int = 10
@@ -67,7 +86,7 @@ class TrainConfig:
         check_tracker(self.tracker, self.tracking_uri, installed=False)  # installed: checked when a run opens it
         if self.device != "auto":
             try:
-                torch.device(self.device)
+                torch.device(self.device)  # the syntax only: a sweep's driver may lack the GPUs its trials use
             except RuntimeError:
                 raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
 
@@ -77,9 +96,7 @@ class TrainConfig:
         return self.lr * self.batch_size * self.grad_accum / 256 if self.scale_lr else self.lr
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
+from ..atomic import atomic_write
 from ..model import CONFIG_FILE, PromptModel, check_compatible, read_run_config
 from ..tracking import Tracker
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -323,6 +323,4 @@ def write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
     writer.writeheader()
     for row in curve:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in CURVE_FIELDS})
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))

@@ -10,29 +10,29 @@ metadata records class names, data, backbone and training settings), ``metrics.j
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
 
+from ..atomic import atomic_write
 from ..backbones import BUNDLED_BACKBONE, load_backbone
 from ..backbones.family import family_of
+from ..backbones.loading import cached_pretrained_weights
 from ..data.shots import few_shot
 from ..data.transforms import backbone_data_config, eval_transform
 from ..flops import extra_flops
 from ..heads import head_for_run, resolve_templates
-from ..methods import config_for
+from ..methods import MethodConfig, config_for
 from ..model import PromptModel, read_run_config
 from ..tracking import check_tracker, open_tracker
 from .checkpoint import CHECKPOINT_FILE
 from .config import TrainConfig
+from .folder import INIT_FILE, METRICS_FILE, check_resume_settings, claim_run_folder, run_folder_lock
 from .loop import check_backbone_weights, evaluate, fit, is_main_process
-
-METRICS_FILE = "metrics.json"
-INIT_FILE = "init.safetensors"  # the tuned tensors before training: E2VPT's rewinding restores them
 
 
 def train_run(
@@ -47,12 +47,15 @@ def train_run(
     pretrained: bool = False,
     final: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     head: str | None = None,
     templates: str | None = None,
     text_prompts: dict[str, Any] | None = None,
     shots: int | None = None,
+    max_image_pixels: int | None = None,
+    allow_sparse_labels: bool = False,
 ) -> dict[str, Any]:
     """Build backbone, data and PromptModel, fit, evaluate on val and test, write the run folder.
 
@@ -65,20 +68,44 @@ def train_run(
     percentage of the backbone, ``extra_gflops`` per image over the frozen backbone,
     ``wall_time_s`` of training and validation (summed over resumed sessions) and training
     ``images_per_s``. With ``resume``, a killed run continues from its checkpoint, and a
-    finished one returns its metrics unchanged.
+    finished one returns its metrics unchanged; either must have been made with the same
+    method, data and settings. Without ``resume``, an ``out`` that holds anything (a run, or
+    files of the user's) is refused unless ``overwrite``. The folder is locked while this runs.
+    ``max_image_pixels`` and ``allow_sparse_labels`` go to ``build_data``.
     """
-    from ..data import build_data
-
     out = Path(out)
     config = config_for(method, **method_options)
     check_tracker(cfg.tracker, cfg.tracking_uri)  # a missing extra is named before anything is loaded
+    main = is_main_process()
+    with run_folder_lock(out) if main else contextlib.nullcontext():
+        # every process decides the same from the folder; only the main one removes files for --overwrite
+        state = claim_run_folder(out, resume=resume, overwrite=overwrite, remove=main)
+        if resume and state in ("finished", "unfinished"):
+            check_resume_settings(out, config.to_dict(), data, final, backbone, cfg.to_dict())
+        return _train(
+            backbone, config, data, out, cfg, weights=weights, pretrained=pretrained, final=final, resume=resume,
+            finished=resume and state == "finished", progress=progress, on_epoch_end=on_epoch_end, head=head,
+            templates=templates, text_prompts=text_prompts, shots=shots, max_image_pixels=max_image_pixels,
+            allow_sparse_labels=allow_sparse_labels,
+        )
+
+
+def _train(
+    backbone: str, config: MethodConfig, data: str, out: Path, cfg: TrainConfig, *, weights: str | Path | None,
+    pretrained: bool, final: bool, resume: bool, finished: bool, progress: bool,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None, head: str | None, templates: str | None,
+    text_prompts: dict[str, Any] | None, shots: int | None, max_image_pixels: int | None, allow_sparse_labels: bool,
+) -> dict[str, Any]:
+    from ..data import build_data
+
     torch.manual_seed(cfg.seed)  # a timm backbone without weights is random: make it the same on --resume
     net = load_backbone(backbone, weights=weights, pretrained=pretrained)
-    if resume and (out / METRICS_FILE).is_file() and not (out / CHECKPOINT_FILE).is_file():
+    if finished:
         check_backbone_weights(read_run_config(out), family_of(net).fingerprint(), out)
         return json.loads((out / METRICS_FILE).read_text())
     data_config = backbone_data_config(net)
-    bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images)
+    bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images, max_pixels=max_image_pixels,
+                        allow_sparse_labels=allow_sparse_labels)
     shot_notes: list[str] = []
     if shots is not None:
         bundle.train, shot_notes = few_shot(bundle.train, shots, cfg.seed, bundle.num_classes)
@@ -147,7 +174,7 @@ def train_run(
     }
     if is_main_process():
         if initial is not None:
-            save_file(initial, str(out / INIT_FILE))
+            atomic_write(out / INIT_FILE, lambda tmp: save_file(initial, str(tmp)))
         write_json(out / METRICS_FILE, metrics)
         (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # complete: the run folder keeps only what serving needs
     return metrics
@@ -156,11 +183,23 @@ def train_run(
 def zeroshot_run(
     backbone: str, out: Path, *, data: str | None = None, classes: list[str] | None = None,
     templates: str | None = None, weights: str | Path | None = None, pretrained: bool = False,
-    batch_size: int = 256, device: str = "auto",
+    batch_size: int = 256, device: str = "auto", overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write CLIP's zero-shot classifier as a run folder (no training): a ``text`` head over the
     frozen image tower, for the classes of ``data`` (then ``metrics.json`` has its val and test
-    top-1, like a trained run's) or for ``classes`` alone. ``vptune serve`` serves it like any run."""
+    top-1, like a trained run's) or for ``classes`` alone. ``vptune serve`` serves it like any run.
+    An ``out`` that already holds anything is refused unless ``overwrite``."""
+    out = Path(out)
+    with run_folder_lock(out):
+        claim_run_folder(out, resume=False, overwrite=overwrite)
+        return _zeroshot(backbone, out, data=data, classes=classes, templates=templates, weights=weights,
+                         pretrained=pretrained, batch_size=batch_size, device=device)
+
+
+def _zeroshot(
+    backbone: str, out: Path, *, data: str | None, classes: list[str] | None, templates: str | None,
+    weights: str | Path | None, pretrained: bool, batch_size: int, device: str,
+) -> dict[str, Any]:
     from ..data import build_data
     from ..heads import HeadConfig, class_names_for
     from ..methods import LinearConfig
@@ -168,7 +207,6 @@ def zeroshot_run(
     if (data is None) == (classes is None):
         raise ValueError("vptune zeroshot needs either --data SPEC (names from the data, test top-1 measured) "
                          "or --classes 'a,b,c' (names alone)")
-    out = Path(out)
     net = load_backbone(backbone, weights=weights, pretrained=pretrained)
     data_config = backbone_data_config(net)
     bundle = None
@@ -203,15 +241,18 @@ def zeroshot_run(
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def load_run(
     run: str | Path, backbone: str | None = None, *, weights: str | Path | None = None, pretrained: bool | None = None
 ) -> PromptModel:
-    """The PromptModel saved in ``run``, on the backbone it recorded unless another is given."""
+    """The PromptModel saved in ``run``, on the backbone it recorded unless another is given.
+
+    A run folder never makes vptune download anything by itself: a run trained on timm's hub
+    weights is loaded on the copy an earlier download left in the local cache, or refused with
+    a request for ``--weights``; only ``pretrained=True`` lets timm fetch them."""
     run = Path(run)
     recorded = read_run_config(run).get("metadata", {}).get("backbone", {})
     if backbone is None:
@@ -223,15 +264,20 @@ def load_run(
                     f"{run} was trained on backbone {backbone} with weights {weights}, which no longer exists: "
                     "pass --weights FILE (and --backbone SPEC)"
                 )
-    if pretrained is None:
-        pretrained = bool(recorded.get("pretrained")) and weights is None
-    net = load_backbone(backbone, weights=weights, pretrained=pretrained)
+    if pretrained is None and recorded.get("pretrained") and weights is None:
+        weights = cached_pretrained_weights(backbone)
+        if weights is None:
+            raise FileNotFoundError(
+                f"{run} was trained on timm's pretrained {backbone} weights, which are not in this machine's hub "
+                "cache, and a run folder never downloads them by itself: pass --weights FILE (those weights)"
+            )
+    net = load_backbone(backbone, weights=weights, pretrained=bool(pretrained) and weights is None)
     return PromptModel.from_pretrained(net, run)
 
 
 def evaluate_run(
     model: PromptModel, data: str, split: str = "test", *, batch_size: int = 256, device: str = "auto",
-    skip_bad_images: bool = False,
+    skip_bad_images: bool = False, max_pixels: int | None = None, allow_sparse_labels: bool = False,
 ) -> dict[str, Any]:
     """Top-1 and loss of a loaded run on one split of ``data`` (whose classes must be the run's),
     and how many unreadable images were skipped."""
@@ -239,7 +285,8 @@ def evaluate_run(
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
-    bundle = build_data(data, backbone_data_config(model.backbone), skip_bad_images=skip_bad_images)
+    bundle = build_data(data, backbone_data_config(model.backbone), skip_bad_images=skip_bad_images,
+                        max_pixels=max_pixels, allow_sparse_labels=allow_sparse_labels)
     names = model.metadata.get("class_names")
     if bundle.num_classes != model.num_classes or (names is not None and list(bundle.class_names) != list(names)):
         raise ValueError(
@@ -255,11 +302,17 @@ def evaluate_run(
 
 
 @torch.no_grad()
-def predict_files(model: PromptModel, files: list[str | Path], top_k: int = 5) -> list[dict[str, Any]]:
-    """Top-k labels with probabilities for each image file; an unreadable file gets an ``error``
+def predict_files(
+    model: PromptModel, files: list[str | Path], top_k: int = 5, *, max_pixels: int | None = None
+) -> list[dict[str, Any]]:
+    """Top-k labels with probabilities for each image file; a file that cannot be read as an
+    image (missing, corrupt, above ``max_pixels``, a decompression bomb) gets an ``error``
     entry instead, so one bad file does not stop the others."""
-    from PIL import Image, UnidentifiedImageError
+    from ..data.images import check_max_pixels, open_image
 
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1 (labels shown per image), got {top_k}")
+    check_max_pixels(max_pixels)
     transform = eval_transform(model.metadata.get("data"), backbone_data_config(model.backbone))
     names = model.metadata.get("class_names") or [str(i) for i in range(model.num_classes)]
     device = next(model.parameters()).device
@@ -267,9 +320,9 @@ def predict_files(model: PromptModel, files: list[str | Path], top_k: int = 5) -
     results = []
     for file in map(Path, files):
         try:
-            with Image.open(file) as image:
+            with open_image(file, max_pixels) as image:
                 tensor = transform(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except Exception as err:  # noqa: BLE001  Pillow's decoders raise many types for a bad file
             results.append({"file": str(file), "error": f"cannot read {file} as an image ({type(err).__name__}: {err})"})
             continue
         probs = model(tensor[None].to(device)).float().softmax(dim=1)[0]
