@@ -452,6 +452,8 @@ def test_a_bad_task_folder_is_skipped_with_the_reason(tasks_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
+    pytest.param(["--device", "cuda"], "--device cuda: this torch is a CPU-only build", marks=pytest.mark.skipif(
+        torch.cuda.is_available() or torch.version.cuda is not None, reason="needs a CPU-only torch")),
     (["--port", "70000"], "--port 70000 is not a port: give a number from 1 to 65535"),
     (["--port", "0"], "--port 0 is not a port"),
     (["--max-body-mb", "-1"], "--max-body-mb -1 must be above 0"),

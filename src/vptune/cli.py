@@ -541,15 +541,14 @@ def serve(
         serve_on_ray(spec, replicas, host, port, replica_cpus=replica_cpus, address=ray_address, on_ready=lambda: console.print("ready"))
         return
 
-    import torch
-
     from vptune.backbones import load_backbone
     from vptune.serve.live import open_tasks
     from vptune.serve.server import create_app
     from vptune.serve.server import serve as run_server
+    from vptune.train.config import resolve_device
 
-    net = load_backbone(backbone, weights=weights, pretrained=pretrained)
-    net.to(torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device))
+    torch_device = resolve_device(device)  # a GPU this torch cannot use is one red line, before anything loads
+    net = load_backbone(backbone, weights=weights, pretrained=pretrained).to(torch_device)
     watcher = open_tasks(net, tasks, interval_s=watch_interval_s, settle_s=watch_interval_s, allow_empty=watch)
     for name, why in sorted(watcher.skipped.items()):
         err_console.print(f"[yellow]skipped[/] {escape(name)}: {escape(why)}", highlight=False, soft_wrap=True)

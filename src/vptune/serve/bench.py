@@ -249,7 +249,9 @@ def bench_serve(
     """The measurements on ``backbone`` (bundled architecture or timm name, random weights); with
     ``ray``, also the load test on Ray Serve with ``replicas`` replicas."""
     net = bench_backbone(backbone)
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device if device != "auto" else "cpu")
+    from ..train.config import resolve_device
+
+    torch_device = resolve_device(device)
     with tempfile.TemporaryDirectory(prefix="vptune-bench-serve-") as folder:
         runs = write_task_runs(net, Path(folder))
         throughput = measure_throughput(net.to(torch_device), runs, batch_size, rounds, torch_device)

@@ -46,14 +46,14 @@ def build_app(spec: ReplicaSpec) -> Any:
     import torch
 
     from ..backbones import load_backbone
+    from ..train.config import resolve_device
     from .live import open_tasks
     from .server import create_app
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
     net = load_backbone(spec.backbone, weights=spec.weights, pretrained=spec.pretrained)
-    cuda = spec.device == "auto" and torch.cuda.is_available()
-    net.to(torch.device("cuda" if cuda else "cpu" if spec.device == "auto" else spec.device))
+    net.to(resolve_device(spec.device))  # on the replica's machine
     watcher = open_tasks(net, spec.tasks_dir, interval_s=spec.watch_interval_s, settle_s=spec.watch_interval_s, allow_empty=spec.watch)
     # Ray's proxy reads the client's request; its body reaches the replica when the replica asks for
     # it, so a deadline here would time the replica's own queue, not the client.
