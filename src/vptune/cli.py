@@ -781,3 +781,154 @@ def benchmark_mini(
     rows = benchmark(task_list, recipes, out, lr_factors=factors, weights=weights, on_run=on_run, backbone=backbone)
     Console(width=max(console.width, 120)).print(rich_table(rows, f"mini-benchmark, {backbone}"))
     console.print(f"results: {results}")
+
+
+# --- data: build the VTAB-1k and FGVC folders ------------------------------------------------
+
+data_app = typer.Typer(help="Build benchmark datasets in the layouts vptune reads.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+def rich_progress():
+    """A rich progress display and a ``Progress`` callback for the builders: one bar per task."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    display = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                       console=err_console, transient=False)
+
+    def bar(description: str, total: int) -> Callable[[], None]:
+        task = display.add_task(description, total=total)
+        return lambda: display.advance(task)
+
+    return display, bar
+
+
+def print_data_report(report: Any, title: str) -> None:
+    table = Table(title=title)
+    for column in ("task", "status", "train", "val", "test"):
+        table.add_column(column)
+    for name, status in report.status.items():
+        counts = report.counts.get(name, {})
+        train = counts.get("train800", counts.get("train"))
+        val = counts.get("val200", counts.get("val"))
+        colour = {"built": "green", "verified": "green", "missing": "yellow", "failed": "red"}[status]
+        table.add_row(name, f"[{colour}]{status}[/]", *("-" if v is None else str(v) for v in (train, val, counts.get("test"))))
+    console.print(table)
+    for name, problems in report.problems.items():
+        for problem in problems:
+            err_console.print(f"[bold red]{escape(name)}:[/] {escape(problem)}", highlight=False, soft_wrap=True)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    console.print(f"manifest: {report.root / 'vptune-data.json'}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@data_app.command("vtab1k")
+@user_errors
+def data_vtab1k(
+    out: Path = typer.Option(..., help="VTAB-1k root: one folder per task (vtab1k:ROOT/TASK). Rerun to verify or resume."),
+    source: Optional[Path] = typer.Option(None, help="A VTAB-1k list-file tree you downloaded: folder, .zip or .tar(.gz). Default: the Hugging Face hub copy."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated task folders (default: all 19)."),
+    hub_repo: str = typer.Option("XiN0919/VTAB-1k", help="Hub dataset holding vtab-1k.zip (without --source)."),
+) -> None:
+    """Build the 19 VTAB-1k tasks (train800, val200, train800val200, test lists and images), verified."""
+    from vptune.data.prepare import build_vtab1k
+
+    display, bar = rich_progress()
+    with display:
+        report = build_vtab1k(out, source, tasks=comma_list(tasks), hub_repo=hub_repo, progress=bar)
+    print_data_report(report, f"VTAB-1k in {out}")
+
+
+@data_app.command("fgvc")
+@user_errors
+def data_fgvc(
+    out: Path = typer.Option(..., help="FGVC root: one folder per dataset (fgvc:ROOT/NAME). Rerun to verify or resume."),
+    source: list[str] = typer.Option([], help="A folder holding the datasets (folders or archives named after them), or NAME=PATH; repeatable. Default: the hub copies."),
+    datasets: Optional[str] = typer.Option(None, help="Comma-separated datasets: cub, nabirds, flowers, dogs, cars (default: all)."),
+) -> None:
+    """Build the five FGVC datasets (train/val/test JSON split files and images), verified."""
+    from vptune.data.prepare import build_fgvc
+
+    named = {k: Path(v) for k, _, v in (s.partition("=") for s in source if "=" in s)}
+    folders = [Path(s) for s in source if "=" not in s]
+    if len(folders) > 1:
+        raise ValueError("give one --source folder (and any number of NAME=PATH)")
+    display, bar = rich_progress()
+    with display:
+        report = build_fgvc(out, folders[0] if folders else None, datasets=comma_list(datasets), sources=named or None,
+                            progress=bar)
+    print_data_report(report, f"FGVC in {out}")
+
+
+def benchmark_suite(suite: str, root: Path, methods: str, out: Path, tasks: Optional[str], recipe: str, quick: bool,
+                    backbone: str, weights: Optional[Path], pretrained: bool, epochs: Optional[int],
+                    batch_size: Optional[int], lr_grid: Optional[str], wd_grid: Optional[str], seeds: Optional[str],
+                    precision: str, num_workers: int, scheduler: Optional[str], address: Optional[str],
+                    num_cpus: Optional[int], cpus_per_trial: float, gpus_per_trial: Optional[float]) -> None:
+    """The shared body of ``benchmark vtab1k`` and ``benchmark fgvc``."""
+    from vptune.sweep import SweepInterrupted
+    from vptune.sweep.suite import BENCHMARK_MD, DEFAULT_SCHEDULER, PLOT, BenchmarkConfig, run_benchmark
+
+    config = BenchmarkConfig(
+        suite=suite, root=root, methods=comma_list(methods) or [], out=out, tasks=comma_list(tasks), recipe=recipe,
+        quick=quick, backbone=backbone, weights=None if weights is None else str(weights.absolute()),
+        pretrained=pretrained, epochs=epochs, batch_size=batch_size,
+        lr_grid=parse_grid(lr_grid, float, "--lr-grid") if lr_grid else None,
+        wd_grid=parse_grid(wd_grid, float, "--wd-grid") if wd_grid else None,
+        seeds=parse_grid(seeds, int, "--seeds") if seeds else None, precision=precision, num_workers=num_workers,
+        scheduler=scheduler or DEFAULT_SCHEDULER, address=address, num_cpus=num_cpus, cpus_per_trial=cpus_per_trial,
+        gpus_per_trial=gpus_per_trial,
+    )
+    try:
+        result = run_benchmark(config, console=console)
+    except (KeyboardInterrupt, SweepInterrupted) as err:
+        message = str(err) or "the benchmark was interrupted; run the same command again to resume it"
+        err_console.print(f"[bold red]interrupted:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    table = Table(title=f"{suite}: test top-1 % (chosen on val, mean over seeds)")
+    table.add_column("method")
+    for task in result["tasks"]:
+        table.add_column(task, justify="right")
+    table.add_column("mean", justify="right")
+    for name, m in result["methods"].items():
+        cells = ["-" if m["tasks"][t]["test_top1"] is None else f"{m['tasks'][t]['test_top1']:.2f}" for t in result["tasks"]]
+        table.add_row(name, *cells, "-" if m["mean"] is None else f"{m['mean']:.2f}")
+    Console(width=max(console.width, 160)).print(table)
+    console.print(f"table with the published numbers: {out / BENCHMARK_MD}; plot: {out / PLOT}")
+
+
+def _benchmark_command(suite: str, help_text: str) -> None:
+    @benchmark_app.command(suite, help=help_text)
+    @user_errors
+    def command(
+        root: Path = typer.Option(..., help=f"The {suite} root built by `vptune data {suite}` (one folder per task)."),
+        methods: str = typer.Option(..., help="Comma-separated methods, e.g. vpt-deep,e2vpt,linear."),
+        out: Path = typer.Option(Path(f"benchmark-{suite}"), help="Folder for every run, benchmark.md/json and the plot; rerun to resume."),
+        tasks: Optional[str] = typer.Option(None, help="Comma-separated task folders (default: every one under --root)."),
+        recipe: str = typer.Option("default", help="default (the protocol's grid and schedule) or official (the official repositories' per-dataset settings)."),
+        quick: bool = typer.Option(False, "--quick", help="A first look: 10 epochs, a 3 x 2 grid, one seed."),
+        backbone: str = typer.Option("vit_base_patch16_224.augreg_in21k", help="timm model name or the bundled backbone's name."),
+        weights: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors, .pth, .npz)."),
+        pretrained: bool = typer.Option(False, "--pretrained", help="Use timm's hub weights (needs internet)."),
+        epochs: Optional[int] = typer.Option(None, help="Epochs of every run (default: the recipe's)."),
+        batch_size: Optional[int] = typer.Option(None, help="Images per step (default: the recipe's)."),
+        lr_grid: Optional[str] = typer.Option(None, help="Base learning rates (default: the recipe's)."),
+        wd_grid: Optional[str] = typer.Option(None, help="Weight decays (default: the recipe's)."),
+        seeds: Optional[str] = typer.Option(None, help="Seeds of the final runs (default: the recipe's)."),
+        precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),
+        num_workers: int = typer.Option(0, help="DataLoader worker processes per trial."),
+        scheduler: Optional[str] = typer.Option(None, help="none (every grid point to the end) or asha."),
+        address: Optional[str] = typer.Option(None, help="Ray cluster to run on (auto or ray://HOST:PORT); default: a local Ray."),
+        num_cpus: Optional[int] = typer.Option(None, help="CPUs of the local Ray (default: all)."),
+        cpus_per_trial: float = typer.Option(1.0, help="CPUs each trial reserves (and its torch threads)."),
+        gpus_per_trial: Optional[float] = typer.Option(None, help="GPUs each trial reserves (default: 1 where CUDA is present)."),
+    ) -> None:
+        benchmark_suite(suite, root, methods, out, tasks, recipe, quick, backbone, weights, pretrained, epochs,
+                        batch_size, lr_grid, wd_grid, seeds, precision, num_workers, scheduler, address, num_cpus,
+                        cpus_per_trial, gpus_per_trial)
+
+
+_benchmark_command("vtab1k", "The papers' protocol on every VTAB-1k task x method as one Ray Tune job; the table with the published numbers.")
+_benchmark_command("fgvc", "The papers' protocol on every FGVC dataset x method as one Ray Tune job; the table with the published numbers.")

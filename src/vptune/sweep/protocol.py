@@ -102,6 +102,9 @@ class SweepConfig:
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     scheduler: str = "none"  # "none" | "asha"
+    asha_grace_period: int = 1  # epochs every grid point trains before ASHA may stop it
+    asha_reduction_factor: float = 4.0  # ASHA keeps the best 1/factor at each rung
+    label: str = ""  # names this sweep's trials when many sweeps share one Ray Tune job (the method)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out).absolute()
@@ -117,6 +120,8 @@ class SweepConfig:
         problems += [f"weight decay {wd:g} is negative" for wd in self.wd_grid if wd < 0]
         if self.scheduler not in ("none", "asha"):
             problems.append(f"scheduler {self.scheduler!r} is not 'none' or 'asha'")
+        if self.asha_grace_period < 1 or self.asha_reduction_factor <= 1:
+            problems.append("ASHA grace period must be >= 1 epoch and its reduction factor > 1")
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             problems.append("cpus per trial must be > 0 and gpus per trial >= 0")
         names = [task_name(spec) for spec in self.data]

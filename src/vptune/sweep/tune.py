@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ray.tune import Callback
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler
 from rich.console import Console
 
 from ..backbones import load_backbone
@@ -47,8 +48,9 @@ class RaySession:
     the cluster at ``config.address``, or a local Ray with its temp folder inside the sweep folder,
     shut down when the sweep ends."""
 
-    def __init__(self, config: SweepConfig, console: Console) -> None:
+    def __init__(self, config: SweepConfig, console: Console, folder: Path | None = None) -> None:
         self.config, self.console = config, console
+        self.folder = config.out if folder is None else Path(folder)  # Ray's temp folder goes inside it
         self.started = False
         self.temp: Path | None = None
 
@@ -65,7 +67,7 @@ class RaySession:
         if config.address:
             ray.init(address=config.address, log_to_driver=True)
         else:
-            self.temp = config.out / "ray-tmp"
+            self.temp = self.folder / "ray-tmp"
             if len(str(self.temp)) > MAX_RAY_TEMP_DIR:
                 self.temp = Path(tempfile.mkdtemp(prefix="vptune-ray-"))
                 self.console.print(
@@ -85,19 +87,23 @@ class RaySession:
         if not self.started:
             return
         ray.shutdown()
-        if self.temp is not None and not self.temp.is_relative_to(self.config.out):
+        if self.temp is not None and not self.temp.is_relative_to(self.folder):
             shutil.rmtree(self.temp, ignore_errors=True)
 
 
-def check_settings(config: SweepConfig) -> None:
+def check_settings(config: SweepConfig, backbone_weights: str | None = None) -> str:
     """Refuse to resume a sweep folder made with other settings: its finished runs would be reused.
     The grid, the seeds and the tasks may change (they only add or skip runs). The backbone's
-    weights count by value (their fingerprint), not by file name: a file rewritten in place is other settings."""
-    backbone = load_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
+    weights count by value (their fingerprint), not by file name: a file rewritten in place is other settings.
+    Returns the fingerprint; pass it back (``backbone_weights``) to check many sweeps on one backbone
+    without loading it again."""
+    if backbone_weights is None:
+        backbone = load_backbone(config.backbone, weights=config.weights, pretrained=config.pretrained)
+        backbone_weights = family_of(backbone).fingerprint()
     settings = {
         "backbone": config.backbone,
         "weights": config.weights,
-        "backbone_weights": family_of(backbone).fingerprint(),
+        "backbone_weights": backbone_weights,
         "pretrained": config.pretrained,
         "method": config.method,
         "method_options": config.method_options,
@@ -117,43 +123,64 @@ def check_settings(config: SweepConfig) -> None:
             )
     else:
         write_json(path, settings)
+    return backbone_weights
 
 
 def run_all(session: RaySession, runs: list[Run], phase: str, trainer: Trainer) -> dict[Run, Outcome]:
-    """Run (as Ray Tune trials) every run not finished yet; return every run's outcome in ``runs`` order."""
+    """Run (as Ray Tune trials) every run of the session's sweep not finished yet; every run's outcome."""
+    return dict(zip(runs, run_jobs(session, [(session.config, run) for run in runs], phase, trainer)))
+
+
+Job = tuple[SweepConfig, Run]  # a run of one sweep; a benchmark runs the jobs of many sweeps in one Ray Tune job
+
+
+def run_jobs(session: RaySession, jobs: list[Job], phase: str, trainer: Trainer) -> list[Outcome]:
+    """Run every job not finished yet as one Ray Tune experiment; return every job's outcome, in order.
+
+    The sweeps may differ in method, task and training settings; they share the session's
+    resources per trial and its scheduler. Under ASHA, each sweep's grid on each task is its
+    own bracket: val top-1 of one task or method is never compared with another's."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     config, console = session.config, session.console
-
-    outcomes = {run: outcome for run in runs if (outcome := read_outcome(run, config.out)) is not None}
-    pending = [run for run in runs if run not in outcomes]
-    console.print(f"[bold]{phase}[/]: {len(runs)} runs, {len(outcomes)} already done in {config.out}, {len(pending)} to run")
+    configs: list[SweepConfig] = []
+    for sweep, _ in jobs:
+        if not any(sweep is c for c in configs):
+            configs.append(sweep)
+    index = {id(sweep): k for k, sweep in enumerate(configs)}
+    outcomes: dict[int, Outcome] = {
+        k: outcome for k, (sweep, run) in enumerate(jobs) if (outcome := read_outcome(run, sweep.out)) is not None
+    }
+    pending = [k for k in range(len(jobs)) if k not in outcomes]
+    console.print(f"[bold]{phase}[/]: {len(jobs)} runs, {len(outcomes)} already done, {len(pending)} to run")
     if not pending:
-        return {run: outcomes[run] for run in runs}
+        return [outcomes[k] for k in range(len(jobs))]
     session.start()
     scheduler = None
     if config.scheduler == "asha" and phase == "search":
-        scheduler = ASHAScheduler(time_attr="epoch", metric="val_top1", mode="max", max_t=config.train.epochs)
+        scheduler = GroupedASHA(max_t={k: c.train.epochs for k, c in enumerate(configs)},
+                                grace_period=config.asha_grace_period, reduction_factor=config.asha_reduction_factor)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, config=config, trainer=trainer),
+        tune.with_parameters(run_trial, configs=configs, trainer=trainer),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
     ended = EndedTrials()
+    points = [{"run": jobs[k][1].to_dict(), "sweep": index[id(jobs[k][0])], "label": jobs[k][0].label} for k in pending]
     tuner = tune.Tuner(
         trainable,
-        param_space={"run": tune.grid_search([run.to_dict() for run in pending])},
+        param_space={"job": tune.grid_search(points)},
         tune_config=tune.TuneConfig(
             scheduler=scheduler, reuse_actors=True, trial_name_creator=trial_name, trial_dirname_creator=trial_name
         ),
         run_config=tune.RunConfig(
             name=f"{phase}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(config.out / "ray"),
+            storage_path=str(session.folder / "ray"),
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=1,
             callbacks=[ended],
             progress_reporter=tune.CLIReporter(
-                parameter_columns={f"run/{key}": key for key in ("task", "base_lr", "weight_decay", "num_prompts", "seed")},
+                parameter_columns={"job/label": "method", **{f"job/run/{key}": key for key in
+                                   ("task", "base_lr", "weight_decay", "num_prompts", "seed")}},
                 metric_columns=["epoch", "val_top1", "test_top1"],
                 max_report_frequency=30,
             ),
@@ -161,20 +188,62 @@ def run_all(session: RaySession, runs: list[Run], phase: str, trainer: Trainer) 
     )
     # Ray's newer output engine ignores the reporter and prints every trial's config and result.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    where = {(point["sweep"], Run(**point["run"])): k for k, point in zip(pending, points)}
     for result in tuner.fit():
-        run = Run(**result.config["run"]) if result.config else None
-        if run is None or (result.error is None and run not in ended.runs):
+        if not result.config:
+            continue
+        key = (result.config["job"]["sweep"], Run(**result.config["job"]["run"]))
+        if result.error is None and key not in ended.jobs:
             continue  # interrupted (Ctrl-C): Ray Tune returns normally, with the trial unfinished
-        outcomes[run] = outcome_of(config, run, result.error, result.metrics or {})
-        if outcomes[run].status == "failed":
-            console.print(f"[bold red]failed[/]: {run.name()}: {first_line(outcomes[run].error)}", highlight=False)
-    unfinished = [run.name() for run in pending if run not in outcomes]
+        k = where[key]
+        sweep, run = jobs[k]
+        outcomes[k] = outcome_of(sweep, run, result.error, result.metrics or {})
+        if outcomes[k].status == "failed":
+            console.print(f"[bold red]failed[/]: {trial_label(sweep.label, run)}: {first_line(outcomes[k].error)}",
+                          highlight=False)
+    unfinished = [trial_label(jobs[k][0].label, jobs[k][1]) for k in pending if k not in outcomes]
     if unfinished:
         raise SweepInterrupted(
             f"the sweep was interrupted with {len(unfinished)} runs unfinished ({', '.join(unfinished[:4])}"
             f"{', ...' if len(unfinished) > 4 else ''}); run the same command again to resume it"
         )
-    return {run: outcomes[run] for run in runs}
+    return [outcomes[k] for k in range(len(jobs))]
+
+
+class GroupedASHA(FIFOScheduler):
+    """ASHA (Ray's AsyncHyperBandScheduler on per-epoch val top-1) with one bracket per sweep and task:
+    a trial is compared only with the grid points of its own task and method."""
+
+    def __init__(self, max_t: dict[int, int], grace_period: int, reduction_factor: float) -> None:
+        super().__init__()
+        self.max_t, self.grace_period, self.reduction_factor = max_t, grace_period, reduction_factor
+        self.groups: dict[tuple[int, str], AsyncHyperBandScheduler] = {}
+
+    def group(self, trial: Any) -> AsyncHyperBandScheduler:
+        job = trial.config["job"]
+        key = (job["sweep"], job["run"]["task"])
+        if key not in self.groups:
+            max_t = self.max_t[job["sweep"]]
+            self.groups[key] = AsyncHyperBandScheduler(
+                time_attr="epoch", metric="val_top1", mode="max", max_t=max_t,
+                grace_period=min(self.grace_period, max_t), reduction_factor=self.reduction_factor,
+            )
+        return self.groups[key]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        self.group(trial).on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        return self.group(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        self.group(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Any) -> None:
+        self.group(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"ASHA per task and method: {len(self.groups)} brackets"
 
 
 class SweepInterrupted(RuntimeError):
@@ -185,14 +254,20 @@ class EndedTrials(Callback):
     """Remembers the trials that ran to their end (finished, or stopped by the scheduler)."""
 
     def __init__(self) -> None:
-        self.runs: set[Run] = set()
+        self.jobs: set[tuple[int, Run]] = set()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.runs.add(Run(**trial.config["run"]))
+        job = trial.config["job"]
+        self.jobs.add((job["sweep"], Run(**job["run"])))
+
+
+def trial_label(label: str, run: Run) -> str:
+    return f"{label}-{run.name()}" if label else run.name()
 
 
 def trial_name(trial: Any) -> str:
-    return Run(**trial.config["run"]).name()
+    job = trial.config["job"]
+    return trial_label(job["label"], Run(**job["run"]))
 
 
 def outcome_of(config: SweepConfig, run: Run, error: Exception | None, reported: dict[str, Any]) -> Outcome:
@@ -212,12 +287,13 @@ def outcome_of(config: SweepConfig, run: Run, error: Exception | None, reported:
     return Outcome("failed", error=f"the trial ended without finishing its training (no {METRICS_FILE} in {folder})")
 
 
-def run_trial(trial_config: dict[str, Any], *, config: SweepConfig, trainer: Trainer) -> None:
+def run_trial(trial_config: dict[str, Any], *, configs: list[SweepConfig], trainer: Trainer) -> None:
     """One Ray Tune trial: train one run into its folder, reporting val top-1 as epochs end."""
     import torch
     from ray import tune
 
-    run = Run(**trial_config["run"])
+    job = trial_config["job"]
+    config, run = configs[job["sweep"]], Run(**job["run"])
     torch.set_num_threads(max(1, int(config.cpus_per_trial)))
     folder = run.folder(config.out)
     cfg: TrainConfig = config.train_config(run)

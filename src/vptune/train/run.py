@@ -169,6 +169,7 @@ def _train(
         "shots": shots,
         "shot_notes": shot_notes,
         "head": head_config.kind,
+        "device": str(cfg.torch_device()),  # where it trained: a sweep on a cluster can check its trials got their GPU
         "skipped_images": len(bundle.skipped),
         "train_config": cfg.to_dict(),
     }
