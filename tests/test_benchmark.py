@@ -115,7 +115,8 @@ def ray_can_unpickle_this_module():
 
 def test_benchmark_vtab1k_quick_end_to_end_through_ray(tmp_path_factory):
     """From a small local list-file source: vptune data vtab1k, then vptune benchmark vtab1k --quick on two
-    tasks and two methods (a random bundled-size backbone, one epoch, one grid point, one seed)."""
+    tasks and two methods (a random bundled-size backbone, one epoch, one grid point, one seed): eight
+    trainings, search then final, in two Ray Tune experiments."""
     from safetensors.torch import save_file
 
     from vptune.backbones.bundled import build_bundled
@@ -128,7 +129,7 @@ def test_benchmark_vtab1k_quick_end_to_end_through_ray(tmp_path_factory):
     torch.manual_seed(0)
     save_file(build_bundled().state_dict(), str(work / "random.safetensors"))
     out = Path("/tmp") / f"vb-{work.name[-6:]}"  # short: Ray's unix sockets live under it
-    args = ["benchmark", "vtab1k", "--root", str(work / "vtab"), "--methods", "linear,vpt-deep", "--out", str(out),
+    args = ["benchmark", "vtab1k", "--root", str(work / "vtab"), "--methods", "linear,e2vpt", "--out", str(out),
             "--backbone", "vptune_vit_fmnist", "--weights", str(work / "random.safetensors"), "--quick", "--epochs", "1",
             "--lr-grid", "1", "--wd-grid", "0", "--batch-size", "100", "--num-cpus", "2", "--gpus-per-trial", "0"]
     try:
@@ -136,7 +137,7 @@ def test_benchmark_vtab1k_quick_end_to_end_through_ray(tmp_path_factory):
         assert result.exit_code == 0, result.output
         summary = json.loads((out / "benchmark.json").read_text())
         assert summary["tasks"] == ["dtd", "clevr_count"]
-        for method in ("linear", "vpt-deep"):
+        for method in ("linear", "e2vpt"):
             for task, group in (("dtd", "natural"), ("clevr_count", "structured")):
                 entry = summary["methods"][method]["tasks"][task]
                 sweep = json.loads((out / "runs" / method / task / "sweep.json").read_text())
@@ -145,11 +146,11 @@ def test_benchmark_vtab1k_quick_end_to_end_through_ray(tmp_path_factory):
                 assert metrics["final"] and metrics["train_images"] == 1000 and metrics["method"] == method
                 assert entry["test_top1"] == metrics["test_top1"] and entry["group"] == group
                 assert entry["ppt"] == pytest.approx(ppt(metrics["test_top1"], metrics["tuned_params"]))
-        assert summary["methods"]["vpt-deep"]["tasks"]["dtd"]["tuned_params"] > summary["methods"]["linear"]["tasks"]["dtd"]["tuned_params"]
+        assert summary["methods"]["e2vpt"]["tasks"]["dtd"]["tuned_params"] > summary["methods"]["linear"]["tasks"]["dtd"]["tuned_params"]
         table = (out / "benchmark.md").read_text()
         assert "| VPT-deep | published | 78.48 | 82.43 | 54.98 | 71.96 |" in table
         assert "| E2VPT | published | 80.01 | 84.43 | 57.39 | 73.94 |" in table
-        assert "| linear | vptune (this run) |" in table and "| vpt-deep | dtd | natural | 1.0 | 0.0 |" in table
+        assert "| linear | vptune (this run) |" in table and "| e2vpt | dtd | natural | 1.0 | 0.0 |" in table
         assert (out / "accuracy-vs-params.png").stat().st_size > 0
 
         again = runner.invoke(app, args)  # resumes: every run is done, nothing trains, Ray is not started

@@ -909,7 +909,7 @@ def _benchmark_command(suite: str, help_text: str) -> None:
         tasks: Optional[str] = typer.Option(None, help="Comma-separated task folders (default: every one under --root)."),
         recipe: str = typer.Option("default", help="default (the protocol's grid and schedule) or official (the official repositories' per-dataset settings)."),
         quick: bool = typer.Option(False, "--quick", help="A first look: 10 epochs, a 3 x 2 grid, one seed."),
-        backbone: str = typer.Option("vit_base_patch16_224.augreg_in21k", help="timm model name or the bundled backbone's name."),
+        backbone: str = typer.Option("vit_base_patch16_224.orig_in21k", help="timm model name (default: the papers' ViT-B/16 on ImageNet-21k) or the bundled backbone's name."),
         weights: Optional[Path] = typer.Option(None, help="Local backbone weights (.safetensors, .pth, .npz)."),
         pretrained: bool = typer.Option(False, "--pretrained", help="Use timm's hub weights (needs internet)."),
         epochs: Optional[int] = typer.Option(None, help="Epochs of every run (default: the recipe's)."),

@@ -53,7 +53,7 @@ class Tree:
                                    ((i.filename, i) for i in self._zip.infolist()) if not n.endswith("/")}
                 else:
                     self._tar = tarfile.open(path)
-                    self._names = {m.name.lstrip("./"): m for m in self._tar.getmembers() if m.isfile()}
+                    self._names = {m.name.removeprefix("./"): m for m in self._tar.getmembers() if m.isfile()}
             except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as err:
                 raise DataError(f"{path}: not a readable zip or tar archive ({err}); download it again") from None
         elif not path.is_dir():

@@ -70,7 +70,7 @@ class BenchmarkConfig:
     tasks: list[str] | None = None
     recipe: str = "default"  # "default" | "official"
     quick: bool = False
-    backbone: str = "vit_base_patch16_224.augreg_in21k"
+    backbone: str = "vit_base_patch16_224.orig_in21k"  # the papers' ViT-B/16 (ImageNet-21k, ViT-B_16.npz)
     weights: str | None = None
     pretrained: bool = False
     epochs: int | None = None
