@@ -51,6 +51,7 @@ def test_official_recipes_come_from_the_official_repositories_per_task(tmp_path)
     # VPT published no per-task prompt length: the official recipe searches the paper's set instead
     vpt, vpt_options, _ = recipe_for(official, "vpt-deep", "dtd")
     assert vpt["num_prompts_grid"] == (1, 5, 10, 50, 100, 200) and vpt_options == {"dropout": 0.0}
+    assert recipe_for(config(tmp_path, recipe="official", quick=True), "vpt-deep", "dtd")[0]["num_prompts_grid"] == (10,)
     assert recipe_for(official, "full", "dtd")[0]["optimizer"] == "adamw"
     with pytest.raises(ValueError, match="publish no recipe for lora"):
         config(tmp_path, recipe="official", methods=["lora"])

@@ -87,8 +87,12 @@ def test_bad_sources_are_named_and_what_was_built_is_kept(vtab, tmp_path):
     ]
     assert (out / "dtd" / "test.txt").is_file() and not (out / "eurosat" / "train800.txt").exists()
     shutil.copy(vtab / "eurosat" / "images" / "train800" / "000011.png", broken / "eurosat" / "images" / "train800")
+    image(broken / "eurosat" / "images" / "test" / "unlisted.png", 1, 5)  # in the source, in no list: not copied
     report = build_vtab1k(out, broken, tasks=["dtd", "eurosat"])  # fixed: dtd is kept (verified), eurosat built
     assert report.status == {"dtd": "verified", "eurosat": "built"}
+    assert f"eurosat: 1 image(s) in the source that no list names were not copied, first " \
+           f"{broken / 'eurosat' / 'images/test/unlisted.png'}" in report.notes
+    assert not (out / "eurosat" / "images" / "test" / "unlisted.png").exists()
 
     short = tmp_path / "short"
     shutil.copytree(vtab / "dtd", short / "dtd")

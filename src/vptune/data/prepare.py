@@ -278,7 +278,13 @@ def build_vtab_task(tree: Tree, prefix: str, name: str, out: Path, progress: Pro
         atomic_write(folder / list_name, "".join(f"{image} {label}\n" for image, label in entries))
         digests[list_name] = sha256(folder / list_name)
     counts = {list_name.removesuffix(".txt"): len(entries) for list_name, entries in lists.items()}
-    return {"source": tree.where(prefix), "sha256": digests, "counts": counts, "image_root": ""}
+    listed = {f"{prefix}/{image}" for image in images}
+    extra = sorted(f for f in tree.files() if f.startswith(prefix + "/") and f not in listed
+                   and PurePosixPath(f).suffix.lower() in IMAGE_EXTENSIONS)
+    entry = {"source": tree.where(prefix), "sha256": digests, "counts": counts, "image_root": ""}
+    if extra:  # not copied: the built folder holds exactly what the lists name
+        entry["source_extra_images"] = {"count": len(extra), "first": tree.where(extra[0])}
+    return entry
 
 
 def build_vtab1k(
@@ -314,6 +320,10 @@ def build_vtab1k(
                 write_manifest(out, manifest)
                 report.status[name] = "built"
                 report.counts[name] = entry["counts"]
+                if "source_extra_images" in entry:
+                    extra = entry["source_extra_images"]
+                    report.notes.append(f"{name}: {extra['count']} image(s) in the source that no list names were "
+                                        f"not copied, first {extra['first']}")
     for name in wanted:
         info = VTAB_TASKS.get(name)
         counts = report.counts.get(name)

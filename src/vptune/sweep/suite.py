@@ -33,7 +33,7 @@ from .tune import RaySession, Trainer, check_settings, run_jobs
 
 SUITES = ("vtab1k", "fgvc")
 GROUPS = ("natural", "specialized", "structured")
-QUICK = {"epochs": 10, "lr_grid": (10.0, 1.0, 0.1), "wd_grid": (0.001, 0.0), "seeds": (42,)}
+QUICK = {"epochs": 10, "lr_grid": (10.0, 1.0, 0.1), "wd_grid": (0.001, 0.0), "seeds": (42,)}  # and 10 prompts
 # ASHA became the default after docs/performance.md ("The protocol's cost") measured its pick against the full grid.
 DEFAULT_SCHEDULER = "none"
 BENCHMARK_JSON, BENCHMARK_MD, PLOT = "benchmark.json", "benchmark.md", "accuracy-vs-params.png"
@@ -152,7 +152,8 @@ def recipe_for(config: BenchmarkConfig, method: str, task: str) -> tuple[dict[st
     if config.quick:
         settings.update({k: v for k, v in QUICK.items()})
         settings["warmup_epochs"] = 1
-        num_prompts_grid = num_prompts_grid[:1] if num_prompts_grid != (None,) else num_prompts_grid
+        if num_prompts_grid != (None,):  # no prompt-length search in a first look: 10, or the grid's first
+            num_prompts_grid = (10,) if 10 in num_prompts_grid else num_prompts_grid[:1]
     for key in ("epochs", "batch_size", "lr_grid", "wd_grid", "seeds"):
         value = getattr(config, key)
         if value is not None:
