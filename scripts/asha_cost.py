@@ -1,9 +1,9 @@
 """What ASHA saves on the papers' protocol, measured on mini-benchmark tasks.
 
 For every (task, method): search the same lr x wd grid twice on a local Ray, once training
-every grid point to the end (the official protocol) and once under ASHA (``vptune sweep
---scheduler asha``: trials compared on val top-1 after each epoch, the weak ones stopped),
-with one ASHA per (task, method) as in ``vptune benchmark``. Then retrain each winner on
+every grid point to the end (the official protocol) and once under ASHA (``--scheduler asha``:
+trials compared on val top-1 after each epoch, the weak ones stopped), all tasks in one Ray
+Tune job with one ASHA bracket per task, as ``vptune benchmark`` runs it. Then retrain each winner on
 train+val with the seeds and score test (an ASHA winner equal to the grid's winner is the same
 runs, so they are trained once). Writes the epochs each search spent, the two picks, their val
 and test top-1 and the test spread over seeds to a JSON file.
@@ -27,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 
 from vptune.sweep import SweepConfig, choose
-from vptune.sweep.tune import RaySession, check_settings, run_all
+from vptune.sweep.tune import RaySession, check_settings, run_all, run_jobs
 from vptune.train import TrainConfig
 
 
@@ -60,12 +60,12 @@ def point(run) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default="count,digits")
-    parser.add_argument("--methods", default="linear,vpt-deep")
+    parser.add_argument("--methods", default="linear")
     parser.add_argument("--lr-grid", default="25,5,1,0.25,0.05")
     parser.add_argument("--wd-grid", default="0.001,0")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seeds", default="42,44")
+    parser.add_argument("--seeds", default="42")
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/asha-cost"))
     parser.add_argument("--json", type=Path, default=Path("docs/asha-cost.json"))
@@ -92,39 +92,48 @@ def main() -> None:
         grid, asha = configs["none"], configs["asha"]
         with RaySession(grid, console) as session:
             full = run_all(session, grid.search_runs(), "search", trainer())
-            for task in tasks:
-                # One ASHA per (task, method): val top-1 of different tasks is not comparable.
-                early = run_all(session, [r for r in asha.search_runs() if r.task == task], "search", trainer())
-                mine = [(r, o) for r, o in full.items() if r.task == task]
-                grid_winner, grid_outcome = choose(mine)
-                asha_winner, asha_outcome = choose(list(early.items()))
+        with RaySession(asha, console) as session:
+            # One Ray Tune job for every task, one ASHA bracket per task (as vptune benchmark runs it).
+            jobs = [(asha, run) for run in asha.search_runs()]
+            early = dict(zip(asha.search_runs(), run_jobs(session, jobs, "search", trainer())))
+        for task in tasks:
+            mine = [(r, o) for r, o in full.items() if r.task == task]
+            theirs = [(r, o) for r, o in early.items() if r.task == task]
+            grid_winner, grid_outcome = choose(mine)
+            asha_winner, asha_outcome = choose(theirs)
+            with RaySession(grid, console) as session:
                 grid_tests = finals(session, grid, grid_winner, console)
-                same = point(asha_winner) == point(grid_winner)
-                asha_tests = grid_tests if same else finals(session, asha, asha_winner, console)
-                grid_epochs = sum(epochs_spent(grid, r, o) for r, o in mine)
-                asha_epochs = sum(epochs_spent(asha, r, o) for r, o in early.items())
-                vals = sorted((o.metrics["val_top1"] for _, o in mine if o.status == "done"), reverse=True)
-                results.append({
-                    "task": task, "method": method,
-                    "grid": {**point(grid_winner), "val_top1": grid_outcome.metrics["val_top1"], "test_top1": grid_tests,
-                             "epochs": grid_epochs},
-                    "asha": {**point(asha_winner), "val_top1": asha_outcome.metrics["val_top1"], "test_top1": asha_tests,
-                             "epochs": asha_epochs,
-                             "stopped": sum(o.status == "stopped" for o in early.values()),
-                             "trials": len(early)},
-                    "same_pick": same,
-                    "epoch_share": asha_epochs / grid_epochs,
-                    "grid_val_top1_sorted": vals,
-                    "grid_val_of_asha_pick": full[next(r for r in full if r.task == task and point(r) == point(asha_winner))]
-                    .metrics.get("val_top1"),
-                })
-                r = results[-1]
-                console.print(f"{task} {method}: ASHA {asha_epochs}/{grid_epochs} epochs ({r['epoch_share']:.0%}), "
-                              f"same pick: {same}")
+            same = point(asha_winner) == point(grid_winner)
+            if same:
+                asha_tests = grid_tests  # the same configuration and seeds: the same runs
+            else:
+                with RaySession(asha, console) as session:
+                    asha_tests = finals(session, asha, asha_winner, console)
+            grid_epochs = sum(epochs_spent(grid, r, o) for r, o in mine)
+            asha_epochs = sum(epochs_spent(asha, r, o) for r, o in theirs)
+            vals = sorted((o.metrics["val_top1"] for _, o in mine if o.status == "done"), reverse=True)
+            results.append({
+                "task": task, "method": method,
+                "grid": {**point(grid_winner), "val_top1": grid_outcome.metrics["val_top1"], "test_top1": grid_tests,
+                         "epochs": grid_epochs},
+                "asha": {**point(asha_winner), "val_top1": asha_outcome.metrics["val_top1"], "test_top1": asha_tests,
+                         "epochs": asha_epochs,
+                         "stopped": sum(o.status == "stopped" for _, o in theirs),
+                         "trials": len(theirs),
+                         "epochs_per_trial": {r.point(): epochs_spent(asha, r, o) for r, o in theirs}},
+                "same_pick": same,
+                "epoch_share": asha_epochs / grid_epochs,
+                "grid_val_top1": {r.point(): o.metrics.get("val_top1") for r, o in mine},
+                "grid_test_top1": {r.point(): o.metrics.get("test_top1") for r, o in mine},
+            })
+            r = results[-1]
+            console.print(f"{task} {method}: ASHA {asha_epochs}/{grid_epochs} epochs ({r['epoch_share']:.0%}), "
+                          f"same pick: {same}")
     total_grid = sum(r["grid"]["epochs"] for r in results)
     total_asha = sum(r["asha"]["epochs"] for r in results)
     train = dataclasses.asdict(configs["none"].train)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
     report = {
         "command": "PYTHONPATH=src OMP_NUM_THREADS=1 python scripts/asha_cost.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
@@ -134,8 +143,8 @@ def main() -> None:
         "wall_time_s": time.time() - started,
         "train": train,
         "lr_grid": floats(args.lr_grid), "wd_grid": floats(args.wd_grid), "seeds": args.seeds,
-        "asha": {"time_attr": "epoch", "metric": "val_top1", "grace_period": 1, "reduction_factor": 4,
-                 "max_t": args.epochs},
+        "asha": {"time_attr": "epoch", "metric": "val_top1", "grace_period": configs["asha"].asha_grace_period,
+                 "reduction_factor": configs["asha"].asha_reduction_factor, "max_t": args.epochs},
         "results": results,
         "total_grid_epochs": total_grid,
         "total_asha_epochs": total_asha,
