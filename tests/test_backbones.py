@@ -36,10 +36,23 @@ def test_bundled_weights_load():
     assert bundled_weights_path().stat().st_size <= 20e6
 
 
+@pytest.mark.skipif(not bundled_weights_path("vptune_swin_fmnist").is_file(), reason="bundled Swin not created yet (vptune pretrain --arch swin)")
+def test_bundled_swin_weights_load():
+    model = load_backbone("vptune_swin_fmnist")
+    path = bundled_weights_path("vptune_swin_fmnist")
+    shipped = load_file(str(path))
+    assert type(model).__name__ == "SwinTransformer" and not model.training
+    assert set(shipped) == {k for k in model.state_dict() if not k.startswith("head.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in shipped.items())
+    assert path.stat().st_size <= 20e6
+
+
 def test_missing_bundled_weights_says_how_to_create_them(monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "bundled_weights_path", lambda name=BUNDLED_BACKBONE: tmp_path / "absent.safetensors")
     with pytest.raises(FileNotFoundError, match=r"absent.safetensors\).*vptune pretrain"):
         load_backbone(BUNDLED_BACKBONE)
+    with pytest.raises(FileNotFoundError, match=r"absent.safetensors\).*vptune pretrain --arch swin"):
+        load_backbone("vptune_swin_fmnist")
 
 
 def test_timm_name_and_unknown_name():
@@ -192,3 +205,27 @@ def test_pretrain_writes_loadable_weights_and_card(tmp_path, monkeypatch):
     assert f"{results['test_accuracy'] * 100:.2f}%" in card
     assert "python -m vptune.backbones.pretrain --out" in card and "--epochs 1 --batch-size 32" in card
     assert (tmp_path / "work" / f"{BUNDLED_BACKBONE}-checkpoint.pt").is_file()
+
+
+def test_pretrain_arch_swin_writes_the_bundled_swin_and_its_own_card(tmp_path, monkeypatch):
+    from vptune.backbones import pretrain
+
+    rng = np.random.default_rng(0)
+    tiny = lambda split: (rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), np.arange(64) % 10)  # noqa: E731
+    monkeypatch.setattr(pretrain, "load_fashion_mnist", tiny)
+    threads = torch.get_num_threads()
+    try:
+        results = pretrain.pretrain(tmp_path / "out", epochs=1, batch_size=32, warmup_steps=1, threads=1,
+                                    work_dir=tmp_path / "work", arch="swin")
+    finally:
+        torch.set_num_threads(threads)
+    weights = tmp_path / "out" / "vptune_swin_fmnist.safetensors"
+    model = load_backbone("vptune_swin_fmnist", weights=weights)
+    assert type(model).__name__ == "SwinTransformer" and model.pretrained_cfg["architecture"] == "vptune_swin_fmnist"
+    card = (tmp_path / "out" / "MODEL_CARD_swin.md").read_text()
+    assert not (tmp_path / "out" / "MODEL_CARD.md").exists()  # the ViT's card is left alone
+    assert f"{results['test_accuracy'] * 100:.2f}%" in card and "SwinTransformer(" in card
+    assert "python -m vptune.backbones.pretrain --arch swin --out" in card
+    assert (tmp_path / "work" / "vptune_swin_fmnist-checkpoint.pt").is_file()
+    with pytest.raises(ValueError, match=r"unknown --arch 'resnet'"):
+        pretrain.pretrain(tmp_path / "out", arch="resnet")
