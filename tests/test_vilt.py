@@ -383,3 +383,97 @@ def test_load_backbone_reads_a_local_vilt(vilt, tmp_path):
         vptune.backbones.vilt.load_vilt_state(model, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="random weights need a config"):
         vptune.backbones.loading.load_backbone("hf:dandelin/vilt-b32-mlm")
+
+
+# --- training, evaluation and prediction through the task ------------------------------------
+
+def vilt_folder(tmp_path, text_length: int = 48):
+    """A tiny ViLT saved as transformers does, whose text length fits the word tokenizer."""
+    config = transformers.ViltConfig(
+        hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=SIDE, patch_size=PATCH,
+        max_image_length=-1, vocab_size=120, max_position_embeddings=text_length, modality_type_vocab_size=2)
+    torch.manual_seed(0)
+    honest_(transformers.ViltModel(config)).save_pretrained(tmp_path / "vilt")
+    return tmp_path / "vilt"
+
+
+def test_train_eval_predict_a_vqa_run_from_the_command_line(tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vptune.cli import app
+    from vptune.data import minivl
+
+    folder, run = vilt_folder(tmp_path), tmp_path / "run"
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--backbone", "hf:tiny", "--weights", str(folder), "--method", "apt", "--num-prompts", "4",
+                                 "--data", "minivl:vqa", "--out", str(run), "--epochs", "1", "--batch-size", "100",
+                                 "--optimizer", "adamw", "--lr", "1e-3"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "vqa" and 0 <= metrics["test_vqa_score"] <= 100
+    assert metrics["tuned_params"] == sum(
+        p.numel() for p in PromptModel.from_pretrained(vptune.backbones.loading.load_backbone("hf:x", weights=folder), run).tuned_parameters().values())
+    assert metrics["extra_gflops"] > 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["task"]["name"] == "vqa" and config["backbone_train_mode"] is True
+    assert config["metadata"]["tokenizer"] == "word"
+    assert "val_vqa_score" in (run / "curve.csv").read_text().splitlines()[0]
+
+    result = runner.invoke(app, ["eval", "--run", str(run), "--data", "minivl:vqa"])
+    assert result.exit_code == 0, result.output
+    assert f"vqa_score {metrics['test_vqa_score']:.2f}" in result.output
+
+    Image.fromarray(minivl.load("vqa")["test"].images[0]).save(tmp_path / "q.png")
+    result = runner.invoke(app, ["predict", "--run", str(run), "--image", str(tmp_path / "q.png"), "--text", "how many bags are there?"])
+    assert result.exit_code == 0, result.output
+    assert "how many bags are there?:" in result.output
+    result = runner.invoke(app, ["predict", "--run", str(run), "--image", str(tmp_path / "missing.png"), "--text", "how many bags?"])
+    assert result.exit_code == 1 and "cannot read" in result.output and "missing.png" in result.output
+    result = runner.invoke(app, ["predict", "--run", str(run), "--image", str(tmp_path / "q.png"), "--image", str(tmp_path / "q.png"),
+                                 "--text", "how many bags?"])
+    assert result.exit_code == 1 and "reads 1 image" in result.output
+    result = runner.invoke(app, ["eval", "--run", str(run), "--data", "minivl:nlvr"])
+    assert result.exit_code == 1 and "trained for vqa" in result.output
+    with pytest.warns(UserWarning, match="truncated"):  # the tokenizer's policy: truncate, with a warning naming the text
+        vptune.train.predict_vl(vptune.train.load_run(run), [tmp_path / "q.png"], "how many bags " * 40)
+
+
+def test_a_vl_task_on_an_image_backbone_is_refused(tmp_path):
+    from vptune.train.run import build_vl
+
+    with pytest.raises(ValueError, match="reads images only"):
+        build_vl("minivl:vqa", {"input_size": (3, SIDE, SIDE)}, tiny_vit(), None, False)
+
+
+@pytest.mark.parametrize("task", ["nlvr", "retrieval"])
+def test_fit_and_evaluate_go_through_the_task(task, tmp_path):
+    from torch.utils.data import Subset
+
+    from vptune.data import build_vl_data
+    from vptune.data.transforms import backbone_data_config
+    from vptune.data.vl import ImageTable, RetrievalData
+    from vptune.train import TrainConfig, evaluate, fit
+
+    net = vptune.backbones.loading.load_backbone("hf:x", weights=vilt_folder(tmp_path))
+    bundle = build_vl_data(f"minivl:{task}", backbone_data_config(net), negatives=3)
+    if task == "retrieval":  # every caption against every image: keep the split small
+        test = bundle.test
+        small = RetrievalData(ImageTable(test.images.arrays[:12]), test.text_image[:12].numpy(), test.input_ids[:12],
+                              test.attention_mask[:12], test.transform)
+        bundle.train, bundle.val, bundle.test = Subset(bundle.train, range(40)), small, small
+    else:
+        bundle.train, bundle.val = Subset(bundle.train, range(64)), Subset(bundle.val, range(32))
+    model = PromptModel(net, vptune.config_for("vpt-deep", num_prompts=3), task=bundle.make_task())
+    result = fit(model, bundle, TrainConfig(epochs=1, batch_size=16, lr=1e-3, optimizer="adamw"), progress=False)
+    key = "val_top1" if task == "nlvr" else "val_ir_r1"
+    assert 0 <= result["val"][key] <= 100
+    again = evaluate(model, bundle.val, TrainConfig(batch_size=8))
+    assert again[key.removeprefix("val_")] == result["val"][key]
+    if task == "retrieval":
+        scores = model.task.score_matrix(model, small)
+        assert scores.shape == (12, 12)
+        recalls = vptune.tasks.retrieval_recalls(scores, small.text_image)
+        assert again["ir_r1"] == recalls["ir_r1"] and again["tr_r10"] == recalls["tr_r10"]

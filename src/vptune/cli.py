@@ -108,6 +108,11 @@ def train(
     class_specific: Optional[bool] = typer.Option(None, "--class-specific/--unified", help="CoOp: one context per class, or one shared."),
     ctx_init: Optional[str] = typer.Option(None, help="CoOp: words whose embeddings start the context (as many as --n-ctx)."),
     shots: Optional[int] = typer.Option(None, help="Train on K images per class, drawn with --seed (fewer: all, with a warning)."),
+    backbone_train_mode: Optional[bool] = typer.Option(
+        None, "--backbone-train-mode/--backbone-eval-mode",
+        help="Keep the frozen backbone's own dropout on while training (default: the family's recipe: on for ViLT, off otherwise)."),
+    tokenizer: Optional[str] = typer.Option(None, help="Vision-language text: word (vptune's), or a transformers tokenizer name/folder "
+                                            "(default: the checkpoint's own, else word)."),
     epochs: int = typer.Option(10, help="Training epochs."),
     batch_size: int = typer.Option(64, help="Images per step (per micro-batch with --grad-accum)."),
     lr: float = typer.Option(0.1, help="Learning rate (base lr with --scale-lr)."),
@@ -155,7 +160,7 @@ def train(
                 backbone, method, options, data, out, cfg, weights=weights, pretrained=pretrained, final=final, resume=resume,
                 head=head, templates=templates, text_prompts=None if text_prompts is None else {"kind": "coop", **coop},
                 shots=shots, overwrite=overwrite, max_image_pixels=max_image_pixels,
-                allow_sparse_labels=allow_sparse_labels,
+                allow_sparse_labels=allow_sparse_labels, backbone_train_mode=backbone_train_mode, tokenizer=tokenizer,
             )
     except KeyboardInterrupt:
         err_console.print(f"[bold red]interrupted:[/] the last checkpoint in {safe(str(out))} is kept; "
@@ -165,7 +170,8 @@ def train(
         return
     table = Table(title=f"{safe(method)} on {safe(data)}", show_header=False)
     keys = ["val_top1", "test_top1", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s", "images_per_s"]
-    for key in keys + (["skipped_images"] if metrics.get("skipped_images") else []):
+    task_keys = [k for k in ("val_vqa_score", "test_vqa_score", "test_ir_r1", "test_tr_r1") if k in metrics]
+    for key in task_keys + keys + (["skipped_images"] if metrics.get("skipped_images") else []):
         value = metrics.get(key)
         table.add_row(key, "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
@@ -195,6 +201,10 @@ def eval_(
     result = evaluate_run(model, data, split, batch_size=batch_size, device=device, skip_bad_images=skip_bad_images,
                           max_pixels=max_image_pixels, allow_sparse_labels=allow_sparse_labels)
     skipped = f", {result['skipped_images']} unreadable skipped" if result["skipped_images"] else ""
+    if "top1" not in result:  # a vision-language task's own metrics
+        shown = "  ".join(f"{k} [bold]{v:.2f}[/]" for k, v in result.items() if k not in ("split", "count", "skipped_images"))
+        console.print(f"{safe(str(run))} on {safe(data)} ({split}): {shown}  ({result['count']} examples)")
+        return
     console.print(
         f"{safe(str(run))} on {safe(data)} ({split}): top-1 [bold]{result['top1']:.2f}%[/]"
         f"  loss {result['loss']:.4f}  ({result['count']} images{skipped})"
@@ -205,16 +215,30 @@ def eval_(
 @user_errors
 def predict(
     run: Path = typer.Option(..., help="Run folder written by vptune train."),
-    images: list[Path] = typer.Argument(..., help="Image files to classify."),
+    images: Optional[list[Path]] = typer.Argument(None, help="Image files to classify."),
     top_k: int = typer.Option(3, help="Labels to show per image."),
     backbone: Optional[str] = typer.Option(None, help="Backbone SPEC (default: the one the run recorded)."),
     weights: Optional[Path] = typer.Option(None, help="Local backbone weights (default: the ones the run recorded)."),
     max_image_pixels: Optional[int] = typer.Option(None, help=MAX_PIXELS_HELP),
+    image: list[Path] = typer.Option([], "--image", help="Vision-language runs: the image (twice for NLVR; several for retrieval)."),
+    text: Optional[str] = typer.Option(None, help="Vision-language runs: the question (VQA), statement (NLVR) or caption (retrieval)."),
 ) -> None:
-    """Top-k labels with probabilities for each image; unreadable files are reported, not fatal."""
-    from vptune.train import load_run, predict_files
+    """Top-k labels with probabilities for each image; unreadable files are reported, not fatal.
+    A vision-language run answers ``--text`` about ``--image``."""
+    from vptune.train import load_run, predict_files, predict_vl
 
-    results = predict_files(load_run(run, backbone, weights=weights), images, top_k=top_k, max_pixels=max_image_pixels)
+    model = load_run(run, backbone, weights=weights)
+    if model.family.reads_text or text is not None:
+        if text is None or not image or images:
+            raise ValueError(f"{run} is a {model.task.name} run: pass --image FILE and --text TEXT"
+                             if model.family.reads_text else f"{run} classifies images: pass image files, without --text")
+        answer = predict_vl(model, list(image), text, top_k=top_k)
+        shown = ", ".join(f"[bold]{safe(name)}[/] ({p:.3g})" for name, p in answer["top"])
+        console.print(f"{safe(text)}: {shown}", highlight=False, soft_wrap=True)
+        return
+    if not images:
+        raise ValueError("pass the image files to classify")
+    results = predict_files(model, images, top_k=top_k, max_pixels=max_image_pixels)
     for result in results:
         if "error" in result:
             err_console.print(f"[red]{safe(result['error'])}[/]", highlight=False, soft_wrap=True)

@@ -77,7 +77,10 @@ def extra_flops(model: torch.nn.Module) -> int:
     """
     family = model.family
     device = next(model.parameters()).device
-    image = torch.zeros(1, *family.input_size(), device=device)
+    inputs = family.example_inputs(device)
+    if not isinstance(inputs, torch.Tensor):
+        return _extra_pair_flops(model, inputs)
+    image = inputs
     was_training = model.training
     model.eval()
     model(image)  # fills the prompt key/value cache
@@ -86,3 +89,19 @@ def extra_flops(model: torch.nn.Module) -> int:
         frozen = count_flops(lambda: family.frozen_features(image))
     model.train(was_training)
     return total - frozen - 2 * family.num_features * model.num_classes
+
+
+def _extra_pair_flops(model: torch.nn.Module, inputs: dict) -> int:
+    """The same for a vision-language model, per image-text pair of the family's example shape
+    (ViLT: a full-size image and a question of its full text length): the pooled features with
+    the method against the frozen model's, so no task head is counted (NLVR runs two pairs per
+    example)."""
+    family = model.family
+    was_training = model.training
+    model.eval()
+    model.encode(inputs)  # fills the prompt key/value cache
+    total = count_flops(lambda: model.encode(inputs))
+    with adapters_disabled(model):
+        frozen = count_flops(lambda: family.frozen_features(inputs))
+    model.train(was_training)
+    return total - frozen

@@ -123,6 +123,14 @@ class Family:
         proj = self.model.patch_embed
         return (proj.proj.in_channels, *proj.img_size)
 
+    def example_inputs(self, device: torch.device | str = "cpu", batch: int = 1) -> Any:
+        """Inputs of the model's own size (zeros), for counting FLOPs: images (B, C, H, W)."""
+        return torch.zeros(batch, *self.input_size(), device=device)
+
+    def data_config(self) -> dict[str, Any]:
+        """Preprocessing settings that differ from timm's defaults for this model (ViLT's mean/std)."""
+        return {}
+
     def describe(self) -> dict[str, Any]:
         """What a saved run must match to be loaded on this model (``MUST_MATCH``)."""
         sites = self.sites

@@ -133,10 +133,19 @@ class ViltFamily(SequenceFamily):
     def text_length(self) -> int:
         return self.config.max_position_embeddings
 
+    def example_inputs(self, device: torch.device | str = "cpu", batch: int = 1) -> dict[str, Tensor]:
+        """A full-size image with a text of the model's full length (ViLT-B/32: 384x384, 40 tokens)."""
+        ids = torch.ones(batch, self.text_length(), dtype=torch.long, device=device)
+        return {"image": torch.zeros(batch, *self.input_size(), device=device), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def data_config(self) -> dict[str, Any]:
+        """ViLT's preprocessing: mean and std 0.5, bicubic resize."""
+        return {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic"}
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "architecture": getattr(self.config, "_name_or_path", "") or "vilt",
+            "architecture": "vilt",  # not the checkpoint path: the same weights load from the hub or a folder
             "patch_size": self.config.patch_size,
             "vocab_size": self.config.vocab_size,
             "num_prefix_tokens": 1,

@@ -49,7 +49,9 @@ def backbone_data_config(backbone: nn.Module) -> dict:
     from ..backbones.family import family_of
 
     config = resolve_data_config(model=backbone)
-    config["input_size"] = tuple(family_of(backbone).input_size())
+    family = family_of(backbone)
+    config["input_size"] = tuple(family.input_size())
+    config.update(family.data_config())
     return config
 
 

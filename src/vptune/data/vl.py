@@ -77,7 +77,8 @@ def encode_texts(tokenizer: Any, texts: list[str], max_length: int, origins: lis
     is truncated, and one warning says how many were and where the first one is."""
     if not texts:
         return torch.zeros(0, max_length, dtype=torch.long), torch.zeros(0, max_length, dtype=torch.long)
-    lengths = [len(ids) for ids in tokenizer(texts, padding=False, truncation=False)["input_ids"]]
+    # the full lengths (a limit no text reaches: the word tokenizer refuses a longer text when not truncating)
+    lengths = [len(ids) for ids in tokenizer(texts, padding=False, truncation=False, max_length=10**9)["input_ids"]]
     long = [i for i, n in enumerate(lengths) if n > max_length]
     if long:
         where = origins[long[0]] if origins else f"text {long[0]}"
@@ -91,6 +92,8 @@ def encode_texts(tokenizer: Any, texts: list[str], max_length: int, origins: lis
 
 class VQADataset(Dataset):
     """One question each: its image, its tokens and the soft scores of the answers."""
+
+    yields_dicts = True  # samples are batch dicts (vptune.train reads them through the task)
 
     def __init__(self, images: ImageTable, image_index: np.ndarray, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, targets: list[dict[int, float]], num_answers: int,
@@ -113,6 +116,8 @@ class VQADataset(Dataset):
 class NLVRDataset(Dataset):
     """Two images, one statement, a label (1: true)."""
 
+    yields_dicts = True  # samples are batch dicts (vptune.train reads them through the task)
+
     def __init__(self, images: ImageTable, pairs: np.ndarray, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  labels: np.ndarray, transform: Callable) -> None:
         self.images, self.pairs, self.labels, self.transform = images, pairs, labels, transform
@@ -132,6 +137,8 @@ class RetrievalData(Dataset):
     first and ``negatives`` other images drawn at random after it (ViLT's ranking loss);
     ``images_dataset()``, ``input_ids``, ``attention_mask`` and ``text_image`` (which image
     each caption describes) are what an evaluation scoring every (caption, image) pair needs."""
+
+    yields_dicts = True  # samples are batch dicts (vptune.train reads them through the task)
 
     def __init__(self, images: ImageTable, text_image: np.ndarray, input_ids: torch.Tensor,
                  attention_mask: torch.Tensor, transform: Callable, negatives: int = 15) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import torch
 from torch import Tensor, nn
 
 
@@ -26,6 +27,24 @@ class Task(ABC):
     @abstractmethod
     def metrics(self, outputs: Tensor, batch: Mapping[str, Any], split: str = "test") -> dict[str, float]:
         """Metrics (percentages) of a whole split's outputs, keyed ``{split}_{name}``."""
+
+    def loss_sum(self, outputs: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        """The loss summed over the batch (the training loop divides by its optimiser step's size)."""
+        return self.loss(outputs, batch) * outputs.shape[0]
+
+    def evaluate(self, predict: Callable[[dict], Tensor], dataset: Any, loader: Callable[[Any], Any]) -> dict[str, float]:
+        """Metrics of a whole split, keyed ``split_{name}``: ``predict(batch)`` on every batch of
+        ``loader(dataset)``, the outputs and the fields the task reads gathered, then ``metrics``."""
+        outputs, fields = [], {}
+        for batch in loader(dataset):
+            outputs.append(predict(batch).cpu())
+            for key, value in batch.items():
+                if isinstance(value, Tensor) and key not in ("image", "image0", "image1"):
+                    fields.setdefault(key, []).append(value)
+        if not outputs:
+            raise ValueError("cannot evaluate on an empty dataset")
+        gathered = {key: torch.cat(values) for key, values in fields.items()}
+        return {**self.metrics(torch.cat(outputs), gathered, split="split"), "count": sum(len(o) for o in outputs)}
 
     def to_dict(self) -> dict[str, Any]:
         """What a run's config records to rebuild the task."""

@@ -28,6 +28,9 @@ class ClassificationTask(Task):
     def loss(self, outputs: Tensor, batch: Mapping[str, Any]) -> Tensor:
         return F.cross_entropy(outputs.float(), batch["label"])
 
+    def loss_sum(self, outputs: Tensor, batch: Mapping[str, Any]) -> Tensor:
+        return F.cross_entropy(outputs.float(), batch["label"], reduction="sum")
+
     def metrics(self, outputs: Tensor, batch: Mapping[str, Any], split: str = "test") -> dict[str, float]:
         labels = batch["label"]
         return {f"{split}_top1": 100.0 * (outputs.argmax(-1) == labels).float().mean().item(),

@@ -81,6 +81,12 @@ class RetrievalTask(Task):
             columns.append(torch.cat(rows))
         return torch.cat(columns, dim=1)
 
+    def evaluate(self, predict: Callable[[dict], Tensor], dataset: Any, loader: Callable[[Any], Any]) -> dict[str, float]:
+        """Recalls from the score matrix of every caption against every image of ``dataset`` (a
+        ``RetrievalData``), as ViLT evaluates retrieval."""
+        scores = self.score_matrix(predict, dataset)
+        return {**self.metrics(scores, {"text_image": dataset.text_image}, split="split"), "count": len(dataset)}
+
     def loss(self, outputs: Tensor, batch: Mapping[str, Any]) -> Tensor:
         """``outputs``: scores (B, 1 + K) of each caption against its image (column 0) and K others."""
         scores = outputs.float().reshape(outputs.shape[0], -1)

@@ -93,6 +93,8 @@ def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig | int = 256) -
     if isinstance(cfg, int):
         cfg = TrainConfig(batch_size=cfg, device=str(next(model.parameters()).device))
     device = cfg.torch_device()
+    if is_batch_dict_data(dataset):
+        return evaluate_task(model, dataset, cfg, device)
     was_training = model.training
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
@@ -108,6 +110,35 @@ def evaluate(model: nn.Module, dataset: Dataset, cfg: TrainConfig | int = 256) -
     if count == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     return {"top1": 100.0 * correct / count, "loss": loss_sum / count, "count": count}
+
+
+def is_batch_dict_data(dataset: Dataset) -> bool:
+    """Whether ``dataset``'s samples are batch dicts (the vision-language tasks) rather than
+    ``(image, label)`` pairs (classification)."""
+    inner = dataset
+    while hasattr(inner, "datasets") or hasattr(inner, "dataset"):  # ConcatDataset, Subset
+        inner = inner.datasets[0] if hasattr(inner, "datasets") else inner.dataset
+    return bool(getattr(inner, "yields_dicts", False))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def evaluate_task(model: PromptModel, dataset: Dataset, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """The task's own metrics of ``model`` on a dataset of batch dicts, without the split
+    prefix (``vqa_score``, ``top1``, ``ir_r1``, ...), and ``count``. The task decides how a split
+    is scored (``Task.evaluate``): retrieval scores every caption against every image."""
+    was_training = model.training
+    model.eval()
+
+    def predict(batch: dict[str, Any]) -> torch.Tensor:
+        with autocast(cfg, device):
+            return model(to_device(batch, device)).float()
+
+    metrics = model.task.evaluate(predict, dataset, lambda d: make_loader(d, cfg, epoch=0))
+    model.train(was_training)
+    return {key.removeprefix("split_"): value for key, value in metrics.items()}
 
 
 def fit(
@@ -172,19 +203,23 @@ def fit(
             step_images = cfg.batch_size * cfg.grad_accum
             loss_sum, seen, lr, tick = 0.0, 0, 0.0, time.perf_counter()
             step_loss, step_seen, step_tick = 0.0, 0, tick  # the current optimiser step's, for the tracker
-            for i, (images, labels) in enumerate(loader):
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            for i, item in enumerate(loader):
+                # (images, labels) for classification; a batch dict for the vision-language tasks
+                batch = to_device(item, device) if isinstance(item, dict) else {
+                    "image": item[0].to(device, non_blocking=True), "label": item[1].to(device, non_blocking=True)}
+                inputs = batch if isinstance(item, dict) else batch["image"]
+                count = len(next(iter(batch.values())))
                 window_start = (i // cfg.grad_accum) * step_images  # images in this optimiser step
                 in_step = min(window_start + step_images, num_images) - window_start
                 with autocast(cfg, device):
-                    logits = forward_model(images)
-                loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+                    logits = forward_model(inputs)
+                loss = model.task.loss_sum(logits, batch)
                 if not finite_everywhere(loss):
                     raise non_finite(loss, epoch, state["step"], out_dir)
                 (loss / in_step).backward()
                 loss_value = loss.item()
-                loss_sum, seen = loss_sum + loss_value, seen + labels.numel()
-                step_loss, step_seen = step_loss + loss_value, step_seen + labels.numel()
+                loss_sum, seen = loss_sum + loss_value, seen + count
+                step_loss, step_seen = step_loss + loss_value, step_seen + count
                 if (i + 1) % cfg.grad_accum == 0 or i + 1 == micro_batches:
                     lr = peak_lr * lr_factor(state["step"], warmup_steps, total_steps)
                     set_lr(optimizer, lr)
@@ -208,14 +243,16 @@ def fit(
             }
             if has_val and (epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
                 val = evaluate(model, data.val, cfg)
-                record.update(val_top1=val["top1"], val_loss=val["loss"])
+                record.update(val_top1=val.get("top1"), val_loss=val.get("loss"))
+                record.update({f"val_{key}": value for key, value in val.items() if key not in ("top1", "loss", "count")})
             state["curve"].append(record)
             state["epoch"] = epoch + 1
             state["wall_time_s"] = time.perf_counter() - started
             if out_dir is not None and is_main_process():
                 save_epoch(model, optimizer, data, cfg, out_dir, state)
             if progress and is_main_process():
-                val_text = f"  val top-1 {record['val_top1']:.2f}%" if record["val_top1"] is not None else ""
+                main = model.task.main_metric
+                val_text = f"  val {main} {record[f'val_{main}']:.2f}%" if record.get(f"val_{main}") is not None else ""
                 bar.console.print(
                     f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}  lr {lr:.3g}{val_text}"
                     f"  {record['images_per_s']:.0f} img/s"
@@ -236,6 +273,7 @@ def fit(
         "wall_time_s": time.perf_counter() - started,
         "images_per_s": state["images"] / state["train_time_s"] if state["train_time_s"] else None,
         "curve": state["curve"],
+        "val": {k: v for k, v in last.items() if k.startswith("val_") and v is not None},
     }
 
 
@@ -319,8 +357,10 @@ def save_epoch(model: PromptModel, optimizer: torch.optim.Optimizer, data: Any, 
 
 def write_curve(path: Path, curve: list[dict[str, Any]]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CURVE_FIELDS, lineterminator="\n")
+    # a task's own validation metrics (VQA score, recalls) after the fixed fields
+    fields = CURVE_FIELDS + tuple(dict.fromkeys(k for row in curve for k in row if k not in CURVE_FIELDS))
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in curve:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CURVE_FIELDS})
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
     atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))

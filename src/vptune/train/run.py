@@ -56,8 +56,17 @@ def train_run(
     shots: int | None = None,
     max_image_pixels: int | None = None,
     allow_sparse_labels: bool = False,
+    backbone_train_mode: bool | None = None,
+    tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """Build backbone, data and PromptModel, fit, evaluate on val and test, write the run folder.
+
+    Vision-language data (``minivl:TASK``, ``vqav2:ROOT``, ``nlvr2:ROOT``, ``f30k:ROOT``) needs a
+    ViLT backbone; its text is read by ``tokenizer`` (``word``: vptune's word tokenizer, or a
+    transformers tokenizer's name or folder; default ``tokenizer_for``), the task (VQA, NLVR,
+    retrieval) comes from the data, and the task's metrics are written (``test_vqa_score``,
+    ``test_top1``, ``test_ir_r1``, ``test_tr_r1``, ...). ``backbone_train_mode`` keeps the
+    backbone's dropout on while training (default: the family's recipe).
 
     ``head`` (random, text, coop; default text on a CLIP backbone) and ``templates`` pick the head
     (``vptune.heads``); ``text_prompts`` (CoOp's options) adds CoOp to any image-side method;
@@ -104,15 +113,24 @@ def _train(
         check_backbone_weights(read_run_config(out), family_of(net).fingerprint(), out)
         return json.loads((out / METRICS_FILE).read_text())
     data_config = backbone_data_config(net)
-    bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images, max_pixels=max_image_pixels,
-                        allow_sparse_labels=allow_sparse_labels)
     shot_notes: list[str] = []
-    if shots is not None:
-        bundle.train, shot_notes = few_shot(bundle.train, shots, cfg.seed, bundle.num_classes)
-    head_config = head_for_run(head, config, family_of(net), data, list(bundle.class_names),
-                               templates=templates, text_prompts=text_prompts)
-    torch.manual_seed(cfg.seed)
-    model = PromptModel(net, config, bundle.num_classes, head_config)
+    if is_vl_spec(data):
+        words = tokenizer_for(backbone, weights, pretrained, tokenizer)
+        bundle = build_vl(data, data_config, net, words, final)
+        head_config = None
+        torch.manual_seed(cfg.seed)
+        model = PromptModel(net, config, task=bundle.make_task(), backbone_train_mode=backbone_train_mode)
+        model.metadata.update(tokenizer=words_spec(backbone, weights, pretrained, tokenizer))
+        bundle.class_names, bundle.skipped = getattr(model.task, "answers", []), []
+    else:
+        bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images, max_pixels=max_image_pixels,
+                            allow_sparse_labels=allow_sparse_labels)
+        if shots is not None:
+            bundle.train, shot_notes = few_shot(bundle.train, shots, cfg.seed, bundle.num_classes)
+        head_config = head_for_run(head, config, family_of(net), data, list(bundle.class_names),
+                                   templates=templates, text_prompts=text_prompts)
+        torch.manual_seed(cfg.seed)
+        model = PromptModel(net, config, bundle.num_classes, head_config, backbone_train_mode=backbone_train_mode)
     model.metadata.update(
         class_names=list(bundle.class_names),
         data=data,
@@ -140,7 +158,7 @@ def _train(
         result = fit(model, bundle, cfg, out, resume=resume, progress=progress, on_epoch_end=on_epoch_end, tracker=tracker)
         test = evaluate(model, bundle.test, cfg) if bundle.test is not None and len(bundle.test) else None
         if tracker is not None and test is not None:
-            tracker.log({"test/top1": test["top1"], "test/loss": test["loss"]}, result["steps"])
+            tracker.log({f"test/{k}": v for k, v in test.items() if k != "count"}, result["steps"])
         failed = False
     finally:
         if tracker is not None:
@@ -154,8 +172,8 @@ def _train(
         "final": final,
         "val_top1": result["val_top1"],
         "val_loss": result["val_loss"],
-        "test_top1": None if test is None else test["top1"],
-        "test_loss": None if test is None else test["loss"],
+        "test_top1": None if test is None else test.get("top1"),
+        "test_loss": None if test is None else test.get("loss"),
         "train_loss": result["train_loss"],
         "tuned_params": tuned,
         "backbone_params": frozen,
@@ -168,11 +186,15 @@ def _train(
         "train_images": len(bundle.train),
         "shots": shots,
         "shot_notes": shot_notes,
-        "head": head_config.kind,
+        "head": head_config.kind if head_config is not None else model.task.name,
         "device": str(cfg.torch_device()),  # where it trained: a sweep on a cluster can check its trials got their GPU
         "skipped_images": len(bundle.skipped),
         "train_config": cfg.to_dict(),
     }
+    if model.task.name != "classification":  # the task's own metrics: test_vqa_score, test_ir_r1, ...
+        metrics["task"] = model.task.name
+        metrics.update({k: v for k, v in result["val"].items() if k not in metrics})
+        metrics.update({f"test_{k}": v for k, v in (test or {}).items() if k != "count" and f"test_{k}" not in metrics})
     if is_main_process():
         if initial is not None:
             atomic_write(out / INIT_FILE, lambda tmp: save_file(initial, str(tmp)))
@@ -241,6 +263,50 @@ def _zeroshot(
     return metrics
 
 
+def is_vl_spec(data: str) -> bool:
+    return data.partition(":")[0] in ("minivl", "vqav2", "nlvr2", "f30k")
+
+
+def tokenizer_for(backbone: str, weights: str | Path | None, pretrained: bool, choice: str | None = None) -> Any:
+    """The tokenizer of a vision-language run: ``choice`` ("word": vptune's word tokenizer, or a
+    transformers tokenizer's name or folder); by default the checkpoint's own (a ``hf:NAME``
+    downloaded with ``pretrained``, or a weights folder that holds tokenizer files), else the
+    word tokenizer (the mini benchmark's vocabulary)."""
+    spec = words_spec(backbone, weights, pretrained, choice)
+    if spec == "word":
+        from ..data.tokenizer import WordTokenizer
+
+        return WordTokenizer.from_file()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except OSError as error:
+        raise ConnectionError(f"cannot load tokenizer {spec!r} ({error}): offline, pass --tokenizer FOLDER or --tokenizer word") from None
+
+
+def words_spec(backbone: str, weights: str | Path | None, pretrained: bool, choice: str | None) -> str:
+    if choice:
+        return choice
+    if weights is not None and Path(weights).is_dir() and any((Path(weights) / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
+        return str(Path(weights).resolve())
+    if backbone.startswith("hf:") and pretrained and weights is None:
+        return backbone[3:]
+    return "word"
+
+
+def build_vl(data: str, data_config: dict, net: torch.nn.Module, tokenizer: Any, final: bool):
+    """A vision-language bundle for ``net``: text padded to at most the model's text length."""
+    from ..data import build_vl_data
+
+    family = family_of(net)
+    if not family.reads_text:
+        raise ValueError(f"{data} is vision-language data (images with text); backbone {family.name} reads images only: "
+                         "pass a ViLT (--backbone hf:dandelin/vilt-b32-mlm --pretrained, or --weights FOLDER)")
+    own = getattr(tokenizer, "model_max_length", None) or family.text_length()
+    return build_vl_data(data, data_config, tokenizer, final=final, max_length=min(own, family.text_length()))
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     text = json.dumps(data, indent=2)
     atomic_write(path, lambda tmp: tmp.write_text(text))
@@ -260,7 +326,7 @@ def load_run(
         backbone = recorded.get("spec", BUNDLED_BACKBONE)
         if weights is None and recorded.get("weights"):
             weights = recorded["weights"]
-            if not Path(weights).is_file():
+            if not Path(weights).exists():
                 raise FileNotFoundError(
                     f"{run} was trained on backbone {backbone} with weights {weights}, which no longer exists: "
                     "pass --weights FILE (and --backbone SPEC)"
@@ -286,6 +352,18 @@ def evaluate_run(
 
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be train, val or test, got {split!r}")
+    if is_vl_spec(data):
+        spec = model.metadata.get("tokenizer", "word")
+        bundle = build_vl(data, backbone_data_config(model.backbone), model.backbone, tokenizer_for("", None, False, spec), False)
+        if bundle.make_task().to_dict() != model.task.to_dict():
+            raise ValueError(f"{data} is a {bundle.task} task{' with other answers' if bundle.task == model.task.name else ''}; "
+                             f"the run was trained for {model.task.name}: evaluate it on the data it was trained for")
+        dataset = getattr(bundle, split)
+        if dataset is None or len(dataset) == 0:
+            raise ValueError(f"{data} has no {split} split")
+        cfg = TrainConfig(batch_size=batch_size, device=device)
+        model.to(cfg.torch_device())
+        return {"split": split, **evaluate(model, dataset, cfg), "skipped_images": 0}
     bundle = build_data(data, backbone_data_config(model.backbone), skip_bad_images=skip_bad_images,
                         max_pixels=max_pixels, allow_sparse_labels=allow_sparse_labels)
     names = model.metadata.get("class_names")
@@ -330,3 +408,48 @@ def predict_files(
         values, indices = probs.topk(min(top_k, model.num_classes))
         results.append({"file": str(file), "top": [(names[i], p) for p, i in zip(values.tolist(), indices.tolist())]})
     return results
+
+
+@torch.no_grad()
+def predict_vl(model: PromptModel, images: list[str | Path], text: str, top_k: int = 5) -> dict[str, Any]:
+    """A vision-language run's answer for image files and a text: VQA, the top-k answers with
+    their scores (sigmoid, as the task trains them) for one image; NLVR, whether the statement
+    is true of two images; retrieval, the match score of the text with each image. The text is
+    tokenised as in training (longer text is truncated with a warning)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ..data.transforms import resize_transform
+    from ..data.vl import encode_texts
+
+    task = model.task.name
+    wanted = {"vqa": 1, "nlvr": 2}.get(task)
+    if wanted is not None and len(images) != wanted:
+        raise ValueError(f"a {task} run reads {wanted} image{'s' if wanted > 1 else ''} with the text; got {len(images)}: "
+                         f"pass --image {'twice' if wanted == 2 else 'once'}")
+    if not text.strip():
+        raise ValueError("--text is empty: give the question or statement")
+    transform = resize_transform(backbone_data_config(model.backbone))
+    pixels = []
+    for file in map(Path, images):
+        try:
+            with Image.open(file) as image:
+                pixels.append(transform(image.convert("RGB")))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise ValueError(f"cannot read {file} as an image ({type(err).__name__}: {err})") from None
+    tokenizer = tokenizer_for("", None, False, model.metadata.get("tokenizer", "word"))
+    length = min(getattr(tokenizer, "model_max_length", None) or model.family.text_length(), model.family.text_length())
+    ids, mask = encode_texts(tokenizer, [text], length, ["--text"])
+    device = next(model.parameters()).device
+    model.eval()
+    ids, mask = ids.to(device), mask.to(device)
+    if task == "vqa":
+        scores = model({"image": pixels[0][None].to(device), "input_ids": ids, "attention_mask": mask}).float().sigmoid()[0]
+        values, indices = scores.topk(min(top_k, len(scores)))
+        return {"task": task, "text": text, "top": [(model.task.answers[i], p) for p, i in zip(values.tolist(), indices.tolist())]}
+    if task == "nlvr":
+        probs = model({"image0": pixels[0][None].to(device), "image1": pixels[1][None].to(device), "input_ids": ids,
+                       "attention_mask": mask}).float().softmax(-1)[0]
+        return {"task": task, "text": text, "top": [("true", probs[1].item()), ("false", probs[0].item())]}
+    stacked = torch.stack(pixels)[None].to(device)  # 1, K, C, H, W
+    scores = model({"image": stacked, "input_ids": ids, "attention_mask": mask}).float()[0]
+    return {"task": task, "text": text, "top": [(str(f), s) for f, s in zip(images, scores.tolist())]}
