@@ -477,3 +477,20 @@ def test_fit_and_evaluate_go_through_the_task(task, tmp_path):
         assert scores.shape == (12, 12)
         recalls = vptune.tasks.retrieval_recalls(scores, small.text_image)
         assert again["ir_r1"] == recalls["ir_r1"] and again["tr_r10"] == recalls["tr_r10"]
+
+
+def test_the_vilt_cost_rows_follow_the_formulas(vilt):
+    from vptune.bench_vl import vilt_cost
+
+    p, r = 6, 4
+    rows = {row["method"]: row for row in vilt_cost(num_prompts=p, batch_size=1, rounds=1, net=vilt)}
+    n = 12 + 1 + (SIDE // PATCH) ** 2  # a full-length text (12), the image [CLS], patches; the last block computes only the [CLS] query
+    queries = [n, n, 1]
+    apt = sum(4 * p * D * r + 4 * q * p * D for q in queries)  # P_hat's low-rank products, u P_hat^T and A P
+    kv = sum(4 * q * p * D for q in queries)  # the extra keys' scores and values; their K/V are cached at inference
+    assert rows["apt"]["extra_gflops"] * 1e9 == pytest.approx(apt, rel=1e-9)
+    assert rows["vpt-deep:kv"]["extra_gflops"] * 1e9 == pytest.approx(kv, rel=1e-9)
+    assert rows["vpt-deep:tokens"]["extra_gflops"] > 5 * rows["vpt-deep:kv"]["extra_gflops"]
+    assert rows["apt"]["apt_percent_of_this"] == 100.0
+    assert rows["apt"]["tuned_params"] == 3 * (p * D + 2 * D * r + 1)
+    assert rows["lora"]["tuned_params"] == 3 * 4 * 2 * 8 * D  # rank 8 on query, key, value and output.dense

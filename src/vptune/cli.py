@@ -285,7 +285,7 @@ def bench(
         "backbone,vpt-deep:kv,vpt-deep:tokens,vpt-shallow,e2vpt,apt,linear,full,lora",
         help="Comma-separated rows: backbone, a method name, or vpt-deep/e2vpt with :kv or :tokens.",
     ),
-    num_prompts: int = typer.Option(50, help="Prompts per block for vpt-deep, vpt-shallow and apt (E2VPT: 10 + 5 kv)."),
+    num_prompts: Optional[int] = typer.Option(None, help="Prompts per block for vpt-deep, vpt-shallow and apt (E2VPT: 10 + 5 kv); default 50, 200 for vilt."),
     batch_size: int = typer.Option(8, help="Images per step for FLOPs and timings."),
     memory_batch_size: int = typer.Option(32, help="Images per training step for peak memory."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),
@@ -297,11 +297,32 @@ def bench(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows as a JSON list."),
     csv_path: Optional[Path] = typer.Option(None, "--csv", help="Write the rows as CSV."),
 ) -> None:
-    """Tuned parameters, GFLOPs, speed and training memory of every method, side by side."""
+    """Tuned parameters, GFLOPs, speed and training memory of every method, side by side.
+    ``--backbone vilt``: APT, the deep prompt (tokens and kv paths) and LoRA on ViLT-B/32's shape
+    at 384x384 with a 40-token question (random weights)."""
     from vptune.bench import BenchSettings, parse_methods, run_bench, table, write_csv, write_json
 
+    if backbone == "vilt":
+        from vptune.bench_vl import vilt_cost
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        rows = vilt_cost(num_prompts or 200, batch_size=batch_size, rounds=rounds)
+        grid = Table(title=f"ViLT-B/32 shape, 384x384, 40-token text, batch {batch_size}, {rows[0]['gflops']:.2f} GFLOPs per pair frozen")
+        for column in ("method", "prompts", "tuned (no head)", "extra GFLOPs", "infer s/batch", "APT's extra as % of this"):
+            grid.add_column(column)
+        for row in rows:
+            ratio = row["apt_percent_of_this"]
+            grid.add_row(row["method"], str(row["num_prompts"] or "-"), f"{row['tuned_params']:,}", f"{row['extra_gflops']:.3f}",
+                         f"{row['infer_s']:.3f}", "-" if ratio is None else f"{ratio:.1f}%")
+        console.print(grid)
+        if json_path:
+            write_json(rows, json_path)
+        return
     settings = BenchSettings(
-        backbone=backbone, methods=parse_methods(methods), num_prompts=num_prompts, batch_size=batch_size,
+        backbone=backbone, methods=parse_methods(methods), num_prompts=num_prompts or 50, batch_size=batch_size,
         memory_batch_size=memory_batch_size, precision=precision, grad_checkpointing=grad_checkpointing,
         rounds=rounds, clock=clock, device=device, threads=threads,
     )
