@@ -317,7 +317,7 @@ def bench(
             ratio = row["apt_percent_of_this"]
             grid.add_row(row["method"], str(row["num_prompts"] or "-"), f"{row['tuned_params']:,}", f"{row['extra_gflops']:.3f}",
                          f"{row['infer_s']:.3f}", "-" if ratio is None else f"{ratio:.1f}%")
-        console.print(grid)
+        Console(width=max(console.width, 160)).print(grid)
         if json_path:
             write_json(rows, json_path)
         return

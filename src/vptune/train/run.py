@@ -95,7 +95,7 @@ def train_run(
             backbone, config, data, out, cfg, weights=weights, pretrained=pretrained, final=final, resume=resume,
             finished=resume and state == "finished", progress=progress, on_epoch_end=on_epoch_end, head=head,
             templates=templates, text_prompts=text_prompts, shots=shots, max_image_pixels=max_image_pixels,
-            allow_sparse_labels=allow_sparse_labels,
+            allow_sparse_labels=allow_sparse_labels, backbone_train_mode=backbone_train_mode, tokenizer=tokenizer,
         )
 
 
@@ -104,6 +104,7 @@ def _train(
     pretrained: bool, final: bool, resume: bool, finished: bool, progress: bool,
     on_epoch_end: Callable[[dict[str, Any]], None] | None, head: str | None, templates: str | None,
     text_prompts: dict[str, Any] | None, shots: int | None, max_image_pixels: int | None, allow_sparse_labels: bool,
+    backbone_train_mode: bool | None = None, tokenizer: str | None = None,
 ) -> dict[str, Any]:
     from ..data import build_data
 
