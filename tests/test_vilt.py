@@ -494,3 +494,10 @@ def test_the_vilt_cost_rows_follow_the_formulas(vilt):
     assert rows["apt"]["apt_percent_of_this"] == 100.0
     assert rows["apt"]["tuned_params"] == 3 * (p * D + 2 * D * r + 1)
     assert rows["lora"]["tuned_params"] == 3 * 4 * 2 * 8 * D  # rank 8 on query, key, value and output.dense
+
+
+def test_serving_a_vilt_backbone_is_refused_with_the_way_to_use_it(vilt):
+    from vptune.serve.multitask import MultiTaskModel
+
+    with pytest.raises(TypeError, match="vptune predict --run RUN --image FILE --text TEXT"):
+        MultiTaskModel(vilt)

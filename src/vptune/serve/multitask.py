@@ -159,6 +159,9 @@ class MultiTaskModel(nn.Module):
         family = family_of(backbone)
         if not isinstance(family, SequenceFamily):
             raise TypeError(f"mixed-task serving walks token-sequence families (ViT, Eva, BEiT); {family.name} is not one")
+        if family.reads_text:
+            raise TypeError(f"vptune serve answers image tasks; {family.name} reads images with text, and vision-language "
+                            "runs are not served yet: use vptune predict --run RUN --image FILE --text TEXT")
         self.family = family
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
