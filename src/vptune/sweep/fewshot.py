@@ -190,7 +190,7 @@ def summarize(config: FewShotConfig, runs: list[ShotRun]) -> dict[str, Any]:
 
 def markdown(summary: dict[str, Any]) -> str:
     shots = summary["shots"]
-    lines = [f"Backbone `{summary['backbone']}`; test top-1 (%), mean ± std over seeds {summary['seeds']}; "
+    lines = [f"Backbone `{summary['backbone']}`; test top-1 (%), mean ± std over seeds {summary['seeds']} (± only where several finished); "
              "zero-shot trains nothing and has no seeds.", ""]
     for task, methods in summary["results"].items():
         lines += [f"### {task}", "", "| method | tuned params | " + " | ".join(f"{k} shots" for k in shots) + " |",
@@ -202,14 +202,20 @@ def markdown(summary: dict[str, Any]) -> str:
                 row = ["-" if value is None else f"{value:.1f}"] * len(shots)
                 params = "0"
             else:
-                row = [f"{c['mean']:.1f} ± {c['std']:.1f}" if (c := cells.get(str(k))) and c["mean"] is not None else "-"
-                       for k in shots]
+                row = [cell_text(cells.get(str(k))) for k in shots]
                 params = next((f"{c['tuned_params']:,}" for c in cells.values()), "-")
             lines.append(f"| {method} | {params} | " + " | ".join(row) + " |")
         lines.append("")
     if summary["missing"]:
         lines.append(f"Missing (not finished): {', '.join(summary['missing'])}")
     return "\n".join(lines) + "\n"
+
+
+def cell_text(cell: dict[str, Any] | None) -> str:
+    """Mean test top-1, with its spread when more than one seed finished."""
+    if not cell or cell["mean"] is None:
+        return "-"
+    return f"{cell['mean']:.1f}" + (f" ± {cell['std']:.1f}" if len(cell["test_top1"]) > 1 else "")
 
 
 def plot(summary: dict[str, Any], path: Path) -> None:
