@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random-weight timm ViTs that differ in the ways vptune must handle,
 with honest weights (``honest.honest_``: non-zero biases, distinct norms, non-constant tokens)."""
 
+import os
+import sys
+
 import pytest
 import torch
 import vptune  # noqa: F401  (installs the torchvision shim before timm)
@@ -97,3 +100,25 @@ def huge_png(path, width: int, height: int):
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
     return path
+
+
+# --- leaving the test process ------------------------------------------------------------------
+# A full run of the suite crashed with a segmentation fault *after* pytest had printed its summary
+# (seen once from a clean clone: "3 failed, 654 passed ... make: *** Segmentation fault"), in the
+# interpreter's finalisation, where daemon threads left by native libraries (Ray's and gRPC's
+# clients, server and watcher threads) can still run while modules are torn down. No test result
+# depends on that teardown, so the process leaves with pytest's own exit status once pytest is
+# done, skipping it; the status of every test is unchanged.
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    if _EXIT_STATUS and os.environ.get("VPTUNE_TEST_FINALIZE") != "1":  # =1 keeps the normal teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[-1])
