@@ -8,14 +8,14 @@ columns (and for any extra key), as for the prompts of every other family.
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from timm.models.beit import Attention as BeitAttention, Beit, Block as BeitBlock
 
-from ..attention import block_forward, block_prompt_keys_values, heads
-from .family import AttentionSite, SequenceFamily, architecture, register_family
+from ..attention import block_forward
+from .family import architecture, register_family
+from .vit import TimmFamily
 
 
 def pad_position_bias(bias: Tensor, at: int, count: int) -> Tensor:
@@ -28,7 +28,7 @@ def pad_position_bias(bias: Tensor, at: int, count: int) -> Tensor:
 
 
 @register_family
-class BeitFamily(SequenceFamily):
+class BeitFamily(TimmFamily):
     name = "beit"
     model_class = "timm Beit"
 
@@ -45,23 +45,8 @@ class BeitFamily(SequenceFamily):
                 )
 
     @property
-    def sites(self) -> list[AttentionSite]:
-        return [AttentionSite(self.model.embed_dim, *heads(b.attn)) for b in self.blocks]
-
-    @property
     def num_prefix_tokens(self) -> int:
         return 1  # the class token
-
-    def num_positions(self) -> int:
-        return self.model.patch_embed.num_patches + 1
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "patch_size": list(self.model.patch_embed.patch_size),
-            "num_prefix_tokens": 1,
-            "global_pool": self.model.global_pool,
-        }
 
     def embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Tokens ``[CLS, patches]`` and the shared relative position bias, if the model has one."""
@@ -85,11 +70,5 @@ class BeitFamily(SequenceFamily):
         position_bias = self.position_bias(index, aux, prompts)
         return block_forward(self.blocks[index], x, extra_k, extra_v, bias, hook, queries, position_bias=position_bias)
 
-    def prompt_keys_values(self, index: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
-        return block_prompt_keys_values(self.blocks[index], prompts)
-
     def pooled_outputs(self) -> int | None:
         return 1 if self.model.global_pool == "token" else None
-
-    def pooled_features(self, x: Tensor) -> Tensor:
-        return self.model.forward_head(self.model.norm(x), pre_logits=True)

@@ -15,12 +15,13 @@ from torch import Tensor, nn
 from timm.layers import AttentionRope
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 
-from ..attention import block_forward, block_prompt_keys_values, heads
-from .family import AttentionSite, SequenceFamily, architecture, register_family
+from ..attention import block_forward
+from .family import architecture, register_family
+from .vit import TimmFamily
 
 
 @register_family
-class EvaFamily(SequenceFamily):
+class EvaFamily(TimmFamily):
     name = "eva"
     model_class = "timm Eva (EVA-02, DINOv3, RoPE ViTs)"
 
@@ -43,21 +44,8 @@ class EvaFamily(SequenceFamily):
                     f"({attn.num_heads} query heads, {attn.num_kv_heads} key/value heads), which vptune does not support"
                 )
 
-    @property
-    def sites(self) -> list[AttentionSite]:
-        return [AttentionSite(self.model.embed_dim, *heads(b.attn)) for b in self.blocks]
-
-    def num_positions(self) -> int:
-        return self.model.patch_embed.num_patches + self.num_prefix_tokens
-
     def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "patch_size": list(self.model.patch_embed.patch_size),
-            "num_prefix_tokens": self.num_prefix_tokens,
-            "global_pool": self.model.global_pool,
-            "rope": type(self.model.rope).__name__ if self.model.rope is not None else None,
-        }
+        return {**super().describe(), "rope": type(self.model.rope).__name__ if self.model.rope is not None else None}
 
     def embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Tokens and the rotary embedding of the patch positions (per block in 'mixed' mode)."""
@@ -74,13 +62,3 @@ class EvaFamily(SequenceFamily):
             rope=self._rope(aux, index), rope_from=self.num_prefix_tokens + prompts,
         )
 
-    def prompt_keys_values(self, index: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
-        return block_prompt_keys_values(self.blocks[index], prompts)
-
-    def pooled_outputs(self) -> int | None:
-        model = self.model
-        token_pool = model.global_pool == "token" and getattr(model, "attn_pool", None) is None
-        return 1 if token_pool and getattr(model, "cls_token", None) is not None else None
-
-    def pooled_features(self, x: Tensor) -> Tensor:
-        return self.model.forward_head(self.model.norm(x), pre_logits=True)

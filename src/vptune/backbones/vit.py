@@ -13,12 +13,45 @@ from torch import Tensor, nn
 from timm.layers import Attention
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from ..attention import block_forward, block_prompt_keys_values
+from ..attention import block_forward, block_prompt_keys_values, heads
 from .family import AttentionSite, SequenceFamily, architecture, register_family
 
 
+class TimmFamily(SequenceFamily):
+    """What timm's token-sequence models (ViT, Eva, BEiT) share: one width, the patch grid plus
+    the prefix tokens as positions, timm's pre-norm blocks, its final norm and ``forward_head``."""
+
+    @property
+    def sites(self) -> list[AttentionSite]:
+        return [AttentionSite(self.model.embed_dim, *heads(block.attn)) for block in self.blocks]
+
+    def num_positions(self) -> int:
+        return self.model.patch_embed.num_patches + self.num_prefix_tokens
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "patch_size": list(self.model.patch_embed.patch_size),
+            "num_prefix_tokens": self.num_prefix_tokens,
+            "global_pool": self.model.global_pool,
+        }
+
+    def prompt_keys_values(self, index: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
+        return block_prompt_keys_values(self.blocks[index], prompts)
+
+    def pooled_outputs(self) -> int | None:
+        """1 (the class token) for token pooling, else None (all tokens)."""
+        model = self.model
+        token_pool = model.global_pool == "token" and getattr(model, "attn_pool", None) is None
+        return 1 if token_pool and getattr(model, "cls_token", None) is not None else None
+
+    def pooled_features(self, x: Tensor) -> Tensor:
+        """Final norm and the model's own pooling (token, avg, map) of the prompt-free sequence."""
+        return self.model.forward_head(self.model.norm(x), pre_logits=True)
+
+
 @register_family
-class ViTFamily(SequenceFamily):
+class ViTFamily(TimmFamily):
     name = "vit"
     model_class = "timm VisionTransformer"
 
@@ -38,23 +71,6 @@ class ViTFamily(SequenceFamily):
                     "supported: timm's pre-norm Block with its fused-qkv Attention (or subclasses that keep their forward)"
                 )
 
-    @property
-    def sites(self) -> list[AttentionSite]:
-        return [
-            AttentionSite(self.model.embed_dim, block.attn.num_heads, block.attn.head_dim) for block in self.blocks
-        ]
-
-    def num_positions(self) -> int:
-        return self.model.patch_embed.num_patches + self.num_prefix_tokens
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "patch_size": list(self.model.patch_embed.patch_size),
-            "num_prefix_tokens": self.num_prefix_tokens,
-            "global_pool": self.model.global_pool,
-        }
-
     def embed(self, images: Tensor) -> tuple[Tensor, None]:
         model = self.model
         x = model.patch_embed(images)
@@ -65,15 +81,3 @@ class ViTFamily(SequenceFamily):
     def block_forward(self, index, x, aux, extra_k, extra_v, bias, hook, queries, prompts) -> Tensor:
         return block_forward(self.blocks[index], x, extra_k, extra_v, bias, hook, queries)
 
-    def prompt_keys_values(self, index: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
-        return block_prompt_keys_values(self.blocks[index], prompts)
-
-    def pooled_outputs(self) -> int | None:
-        """1 (the class token) for token pooling, else None (all tokens)."""
-        model = self.model
-        token_pool = model.global_pool == "token" and getattr(model, "attn_pool", None) is None
-        return 1 if token_pool and getattr(model, "cls_token", None) is not None else None
-
-    def pooled_features(self, x: Tensor) -> Tensor:
-        """Final norm and the model's own pooling (token, avg, map) of the prompt-free sequence."""
-        return self.model.forward_head(self.model.norm(x), pre_logits=True)
