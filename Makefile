@@ -10,11 +10,11 @@ FMNIST := /usr/share/datasets/fashion-mnist
 setup: $(STAMP)
 
 # Our environment: every extra at the exact versions of constraints.txt (the package itself
-# declares ranges). torch and torchvision are pinned together there: an unpinned torchvision
-# pulls a CUDA build of torch (gigabytes).
+# declares ranges). torch and torchvision are pinned together, in the pip command itself and in
+# constraints.txt: an unpinned torchvision pulls a CUDA build of torch (gigabytes).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -c constraints.txt -e ".[all,dev]"
+	$(PY) -m pip install --disable-pip-version-check -c constraints.txt torch==2.13.0 torchvision==0.28.0 -e ".[all,dev]"
 	$(PY) -c "import site, pathlib; pathlib.Path(site.getsitepackages()[0], 'vptune_tvshim.pth').write_text('import vptune_tvshim; vptune_tvshim.install()\n')"
 	$(MAKE) fashion-mnist
 	touch $(STAMP)
