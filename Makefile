@@ -40,7 +40,7 @@ mutants: setup
 # runs the same check on the same distributions, linked instead of installed).
 check-core-install:
 	tmp=$$(mktemp -d) && $(PYTHON) -m venv $$tmp/venv && \
-	$$tmp/venv/bin/pip install --disable-pip-version-check -q -c constraints.txt . && \
+	$$tmp/venv/bin/pip install --disable-pip-version-check -q -c constraints.txt torch==2.13.0 torchvision==0.28.0 . && \
 	mkdir $$tmp/work && cd $$tmp && OMP_NUM_THREADS=1 $$tmp/venv/bin/python $(CURDIR)/tests/core_only_check.py $$tmp/work && \
 	rm -rf $$tmp
 

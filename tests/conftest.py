@@ -87,6 +87,17 @@ def two_class_workspace(root, train: int = 4, size: int = 20):
     return root
 
 
+def assert_same_logits_and_grads(a, b, tol: float = 1e-5) -> None:
+    """Two execution paths (``(logits, {name: grad})`` each, e.g. the kv and the tokens path) give the
+    same logits and, for every tuned tensor, a non-zero gradient equal within ``tol`` relative."""
+    (logits_a, grads_a), (logits_b, grads_b) = a, b
+    torch.testing.assert_close(logits_a, logits_b, atol=tol, rtol=tol)
+    assert grads_a.keys() == grads_b.keys()
+    for name, grad in grads_b.items():
+        assert grad.abs().max() > 0, f"{name} got no gradient"
+        assert (grads_a[name] - grad).abs().max() <= tol * grad.abs().max(), name
+
+
 def huge_png(path, width: int, height: int):
     """A valid 1-bit PNG of ``width`` x ``height`` black pixels: a few KB on disk whatever its size
     (a decompression bomb, for the pixel-limit tests)."""

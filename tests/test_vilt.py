@@ -19,6 +19,7 @@ from vptune.methods import Method
 from vptune.model import PromptModel
 from vptune.tasks import NLVRTask, RetrievalTask, VQATask
 
+from conftest import assert_same_logits_and_grads
 from honest import honest_
 
 transformers = pytest.importorskip("transformers")
@@ -223,12 +224,7 @@ def test_kv_path_equals_tokens_path(vilt, method):
         model = PromptModel(vilt, config, task=VQATask(["a", "b", "c", "d"])).eval()
         honest_(model.head, seed=4)
         results.append(logits_and_grads(model, inputs))
-    (kv_logits, kv_grads), (tok_logits, tok_grads) = results
-    torch.testing.assert_close(kv_logits, tok_logits, atol=1e-5, rtol=1e-5)
-    assert kv_grads.keys() == tok_grads.keys()
-    for name, grad in tok_grads.items():
-        assert grad.abs().max() > 0, f"{name} got no gradient"
-        assert (kv_grads[name] - grad).abs().max() <= 1e-5 * grad.abs().max(), name
+    assert_same_logits_and_grads(*results)
 
 
 def test_deep_prompts_are_the_official_appended_keys(vilt):
