@@ -43,27 +43,13 @@ def vilt_cost(num_prompts: int = 200, batch_size: int = 2, rounds: int = 3, imag
         if method != "lora":
             options = {**options, "num_prompts": num_prompts}
         model = PromptModel(net, config_for(method, **options), task=VQATask(["yes", "no"]), also_tune=False).eval()
-        inputs = model.family.example_inputs(batch=batch_size)
-        with torch.no_grad():
-            model(inputs)
-            times = []
-            for _ in range(rounds):
-                start = time.perf_counter()
-                model(inputs)
-                times.append(time.perf_counter() - start)
+        times = _timed(model, batch_size, rounds)
         head = sum(p.numel() for p in model.head.parameters())
         rows.append({"method": name, "num_prompts": None if method == "lora" else num_prompts,
                      "tuned_params": model.num_tuned_parameters() - head, "extra_gflops": extra_flops(model) / 1e9,
                      "infer_s": statistics.median(times), "batch_size": batch_size})
-    with torch.no_grad():
-        frozen = PromptModel(net, config_for("linear"), task=VQATask(["yes", "no"]), also_tune=False).eval()
-        inputs = frozen.family.example_inputs(batch=batch_size)
-        frozen(inputs)
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            frozen(inputs)
-            times.append(time.perf_counter() - start)
+    frozen = PromptModel(net, config_for("linear"), task=VQATask(["yes", "no"]), also_tune=False).eval()
+    times = _timed(frozen, batch_size, rounds)
     from .flops import count_flops
 
     base = count_flops(lambda: frozen.family.frozen_features(frozen.family.example_inputs(batch=1))) / 1e9
@@ -73,3 +59,17 @@ def vilt_cost(num_prompts: int = 200, batch_size: int = 2, rounds: int = 3, imag
     for row in rows:
         row["apt_percent_of_this"] = 100.0 * apt / row["extra_gflops"] if row["extra_gflops"] else None
     return rows
+
+
+@torch.no_grad()
+def _timed(model: PromptModel, batch_size: int, rounds: int) -> list[float]:
+    """Seconds of ``rounds`` forward passes over the family's example inputs, after one warm-up
+    (which also fills the prompt key/value cache)."""
+    inputs = model.family.example_inputs(batch=batch_size)
+    model(inputs)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        model(inputs)
+        times.append(time.perf_counter() - start)
+    return times
