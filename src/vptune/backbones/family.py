@@ -34,14 +34,22 @@ from ..methods.base import Method
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSite:
-    """One attention layer a method can act on: the width of the tokens entering it (and so of
-    its prompts), its heads and head size, and its kind ("self", "window": self-attention in
-    local windows)."""
+    """One attention layer a method can act on: the width of the tokens entering it (its
+    queries, and its output after the projection), its heads and head size, and its kind
+    ("self"; "window": self-attention in local windows; "cross": keys and values computed from
+    another sequence, of width ``context_width``: the other stream, or a text encoder's states)."""
 
     width: int
     num_heads: int
     head_dim: int
     kind: str = "self"
+    context_width: int | None = None  # cross-attention only: width of the tokens keys/values come from
+
+    @property
+    def kv_width(self) -> int:
+        """Width of the tokens this site's keys and values are computed from, and so of the
+        prompt tokens a method adds to them (deep prompts); the query width for self-attention."""
+        return self.context_width or self.width
 
 
 FAMILIES: list[type["Family"]] = []
@@ -141,7 +149,7 @@ class Family:
             "depth": len(sites),
             "num_heads": sites[0].num_heads,
             "head_dim": sites[0].head_dim,
-            "sites": [[s.width, s.num_heads, s.head_dim] for s in sites],
+            "sites": [[s.width, s.num_heads, s.head_dim] + ([s.kind, s.context_width] if s.context_width else []) for s in sites],
         }
 
     def fingerprint(self) -> str:

@@ -124,11 +124,11 @@ class VPT(Method):
         self.layers = tuple(layers)
         self.set_of_layer = {layer: 0 if config.shared else j for j, layer in enumerate(self.layers)}
         set_layers = [self.layers] if config.shared else [(layer,) for layer in self.layers]
-        widths = [{config.prompt_dim or sites[i].width for i in group} for group in set_layers]
+        widths = [{config.prompt_dim or sites[i].kv_width for i in group} for group in set_layers]
         if any(len(w) > 1 for w in widths):
             raise ValueError(
                 "shared prompts need one width at every prompted block; this backbone's blocks have widths "
-                f"{sorted({sites[i].width for i in self.layers})}: use shared=False or layers of one width"
+                f"{sorted({sites[i].kv_width for i in self.layers})}: use shared=False or layers of one width"
             )
         self.set_widths = [w.pop() for w in widths]
         if config.location == "add":
@@ -177,7 +177,7 @@ class VPT(Method):
         self.mask_layout = "contiguous"  # how a segment mask's R segments split each prompt's width
         self.projection = None
         if config.prompt_dim is not None:
-            dims = {sites[i].width for i in self.layers}
+            dims = {sites[i].kv_width for i in self.layers}
             if len(dims) > 1:
                 raise ValueError(f"prompt_dim projects to one width; this backbone's prompted blocks have widths {sorted(dims)}")
             self.projection = nn.Linear(config.prompt_dim, dims.pop())
