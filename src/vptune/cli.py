@@ -514,6 +514,41 @@ def pretrain(
     console.print(f"Fashion-MNIST test top-1 {results['test_accuracy'] * 100:.2f}% in {results['wall_time_min']:.1f} min")
 
 
+# --- generate: text-to-image with a diffusion backbone ---------------------------------------
+
+
+@app.command()
+@user_errors
+def generate(
+    prompt: list[str] = typer.Option(..., help="Text prompt; repeat for several (one grid row each)."),
+    backbone: str = typer.Option("vptune_sd_fmnist", help="vptune_sd_fmnist (bundled) or hf:NAME (a Stable Diffusion 1.x/2.x pipeline)."),
+    weights: Optional[Path] = typer.Option(None, help="Bundled: another UNet .safetensors; hf: a local pipeline folder."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Download the hf: pipeline (needs internet)."),
+    num_images: int = typer.Option(8, help="Images per prompt."),
+    seed: int = typer.Option(0, help="Image k of a prompt starts from the noise of seed + k."),
+    steps: int = typer.Option(25, help="Denoising steps."),
+    guidance: float = typer.Option(3.0, help="Classifier-free guidance scale (1: no guidance)."),
+    sampler: str = typer.Option("ddim", help="ddim, dpm (DPM-Solver++) or ddpm."),
+    batch_size: int = typer.Option(16, help="Images denoised together."),
+    scale: int = typer.Option(0, help="Enlarge each image this many times in the grid (0: to about 128 px)."),
+    out: Path = typer.Option(Path("grid.png"), help="The PNG grid to write."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Generate images from text prompts with a frozen text-to-image model and write them as a PNG grid."""
+    from vptune.diffusion.backbone import load_diffusion_backbone
+    from vptune.diffusion.sample import generate as run_generate
+    from vptune.diffusion.sample import save_grid
+    from vptune.train.config import resolve_device
+
+    model = load_diffusion_backbone(backbone, pretrained=pretrained, weights=weights).to(resolve_device(device))
+    images = run_generate(model, prompt, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
+                          sampler=sampler, batch_size=batch_size, progress=True)
+    labels = prompt if len(prompt) > 1 else None
+    path = save_grid(images, out, columns=num_images, scale=scale or max(1, 128 // model.image_size), labels=labels)
+    console.print(f"wrote {safe(str(path))}: {len(images)} images of {model.image_size}x{model.image_size} "
+                  f"({backbone}, {steps} {sampler} steps, guidance {guidance}, seed {seed})")
+
+
 # --- serve: many tasks from one frozen backbone over HTTP -----------------------------------
 
 
