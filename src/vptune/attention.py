@@ -83,6 +83,15 @@ def project_kv(attn: nn.Module, x: Tensor) -> Tensor:
     return F.linear(x, qkv.weight[D:], None if bias is None else bias[D:])
 
 
+def project_q(attn: nn.Module, x: Tensor) -> Tensor:
+    """``x W_q + b_q`` (B, N, D) only: the queries of a cross-attention, whose keys and values
+    come from another sequence."""
+    if getattr(attn, "in_proj_weight", None) is not None or getattr(attn, "qkv", None) is not None:
+        qkv = project_qkv(attn, x)
+        return qkv[..., : qkv.shape[-1] // 3]
+    return attn.q_proj(x)
+
+
 def _norm(attn: nn.Module, name: str, x: Tensor) -> Tensor:
     """The attention's optional norm ``name`` (q_norm, k_norm, the output's scale norm)."""
     norm = getattr(attn, name, None)
@@ -118,8 +127,10 @@ def attend(
     rope: Tensor | None = None,
     rope_from: int = 0,
     position_bias: Tensor | None = None,
+    context: Tensor | None = None,
 ) -> Tensor:
-    """Self-attention of ``x`` (B, N, d), plus ``extra_k``/``extra_v`` (B|1, H, M, Dh) as
+    """Self-attention of ``x`` (B, N, d) (cross-attention with ``context`` (B, M, dc): queries
+    from ``x``, keys and values from ``context``; no positions then), plus ``extra_k``/``extra_v`` (B|1, H, M, Dh) as
     additional keys and values. ``key_bias`` (B|1, 1, 1, N+M) is added to the attention logits:
     a log-mask, where ``-inf`` removes a key exactly. ``rope`` rotates tokens ``rope_from:``;
     ``position_bias`` (B|1|nW, H, N, N) is the family's own position bias over ``x`` (zero for
@@ -131,8 +142,15 @@ def attend(
     gate = attn.gate(x[:, :n]).sigmoid() if getattr(attn, "gate", None) is not None else None
     # Unbound on the q/k/v axis, backward stacks the three gradients straight into the layout
     # the projection's backward reads (one copy; permuting first would cost a second).
-    qkv = project_qkv(attn, x).reshape(B, N, 3, H, Dh).unbind(2)  # 3 x (B, N, H, Dh)
-    q, k, v = (t.transpose(1, 2) for t in qkv)  # 3 x (B, H, N, Dh)
+    if context is None:
+        qkv = project_qkv(attn, x).reshape(B, N, 3, H, Dh).unbind(2)  # 3 x (B, N, H, Dh)
+        q, k, v = (t.transpose(1, 2) for t in qkv)  # 3 x (B, H, N, Dh)
+    else:
+        if rope is not None or position_bias is not None:
+            raise ValueError("cross-attention (context) takes no rotary embedding or position bias")
+        q = project_q(attn, x[:, :n]).reshape(B, n, H, Dh).transpose(1, 2)  # B, H, n, Dh
+        kv = project_kv(attn, context).reshape(B, context.shape[1], 2, H, Dh).unbind(2)
+        k, v = (t.transpose(1, 2) for t in kv)  # 2 x (B, H, M, Dh)
     half = bool(getattr(attn, "rotate_half", False))
     q = _norm(attn, "q_norm", q[:, :, :n])
     k = _rotate(_norm(attn, "k_norm", k), rope, rope_from, half)

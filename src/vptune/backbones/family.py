@@ -64,7 +64,7 @@ def family_of(model: nn.Module) -> "Family":
     """The family that walks ``model``; a model of no known family is refused with the list."""
     if isinstance(model, Family):
         return model
-    from . import beit, eva, openclip, swin, vilt, vit  # noqa: F401  (each registers its family)
+    from . import beit, eva, meter, openclip, swin, vilt, vit  # noqa: F401  (each registers its family)
 
     for cls in FAMILIES:
         if cls.accepts(model):
@@ -91,6 +91,9 @@ class Family:
     # the image families keep it off (VPT's recipe).
     backbone_train_mode: ClassVar[bool] = False
     reads_text: ClassVar[bool] = False  # its inputs are image-text batch dicts (ViLT)
+    # Backbone parameters that no method trains, not even full fine-tuning (METER's frozen
+    # image and text encoders in its official prompt-tuning recipe); none for the others.
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

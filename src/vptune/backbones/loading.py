@@ -33,7 +33,8 @@ def load_backbone(
     shipped weights, no download), a timm model
     name (random weights, or timm's hub weights with ``pretrained=True``), or
     ``open_clip:NAME[/TAG]`` (a whole CLIP model: open_clip's weights for TAG), the bundled CLIP
-    ``vptune_clip_fmnist``, or ``hf:NAME`` (a transformers ViLT). ``weights`` loads a local
+    ``vptune_clip_fmnist``, ``hf:NAME`` (a transformers ViLT), or ``meter[:SIZE]`` (METER-B's
+    shape at SIZE px, default 288: random weights, or an official checkpoint with ``weights``). ``weights`` loads a local
     .safetensors, .pth/.pt or big_vision .npz file instead (for ``hf:``, a ``save_pretrained``
     folder or a .safetensors file).
     """
@@ -41,6 +42,10 @@ def load_backbone(
         from .clip_bundled import load_bundled_clip
 
         return load_bundled_clip(weights)
+    if spec == "meter" or spec.startswith("meter:"):
+        from .meter import load_meter
+
+        return load_meter(spec, weights)
     if spec.startswith("hf:"):
         from .vilt import load_vilt
 

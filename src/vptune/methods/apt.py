@@ -31,6 +31,9 @@ from .base import Method, MethodConfig, register
 class APTConfig(MethodConfig):
     num_prompts: int = 50
     rank: int = 4
+    # The scale s is trained (the official ViLT code) or stays 0 (the official METER code, which
+    # leaves it out of the trained tensors; docs/methods.md).
+    train_scale: bool = True
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1 or self.rank < 1:
@@ -53,6 +56,9 @@ class APT(Method):
         self.add_site_parameters("down", [(d, r) for d in widths], torch.randn)  # W1
         self.add_site_parameters("up", [(r, d) for d in widths], torch.zeros)  # W2
         self.add_site_parameters("log_scale", [() for _ in widths], torch.zeros)  # s
+        if not config.train_scale:
+            for stacked, _ in self.site_rows["log_scale"]:
+                getattr(self, stacked).requires_grad_(False)  # stays exp(0) = 1, not stored in a run
 
     def attention_output(self, index: int):
         return partial(self.approximate, index)

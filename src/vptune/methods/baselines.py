@@ -23,11 +23,12 @@ from .base import Method, MethodConfig, register
 
 class BackboneTuning(Method):
     """Trains the backbone tensors that ``is_tuned(name)`` selects, on a private copy; the
-    model's own classifier (``family.head_prefixes``) never."""
+    model's own classifier (``family.head_prefixes``) and what the family keeps frozen
+    (``family.frozen_prefixes``) never."""
 
     def __init__(self, family) -> None:
         super().__init__()
-        self.head_prefixes = family.head_prefixes
+        self.head_prefixes = tuple(family.head_prefixes) + tuple(family.frozen_prefixes)
 
     def is_tuned(self, name: str) -> bool:
         raise NotImplementedError
