@@ -475,35 +475,48 @@ def fewshot(
 @user_errors
 def pretrain(
     out: Optional[Path] = typer.Option(None, help="Folder for the weights and model card (default: the package's)."),
-    arch: str = typer.Option("vit", help="vit: the bundled ViT on Fashion-MNIST; swin: the bundled Swin on Fashion-MNIST; clip: the bundled CLIP on captioned canvases."),
+    arch: str = typer.Option("vit", help="vit: the bundled ViT on Fashion-MNIST; swin: the bundled Swin on Fashion-MNIST; clip: the bundled CLIP on captioned canvases; vilt: the bundled ViLT on captioned canvases (ITM + MLM)."),
     epochs: int = typer.Option(2, help="Passes over the 60,000 Fashion-MNIST training images (vit, swin)."),
-    steps: int = typer.Option(300, help="Contrastive steps (clip)."),
-    batch_size: int = typer.Option(128),
-    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (vit 1e-3; clip: text side 2e-3)."),
-    image_lr: float = typer.Option(2e-4, help="Peak learning rate of the unlocked image blocks (clip)."),
+    steps: Optional[int] = typer.Option(None, help="Steps (clip: contrastive, 300; vilt: ITM + MLM, 1200)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch (128; vilt 64 pairs)."),
+    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (vit 1e-3; clip: text side 2e-3; vilt: new tensors 1e-3)."),
+    image_lr: Optional[float] = typer.Option(None, help="Peak learning rate of the unlocked image blocks (clip, 2e-4) or of the tensors started from the ViT (vilt, 3e-4)."),
     unlocked_blocks: int = typer.Option(2, help="Last image blocks tuned; the others stay locked (clip)."),
-    weight_decay: float = typer.Option(0.05),
-    warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (vit 200, clip 30)."),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (0.05; vilt 0.01)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (vit 200, clip 30, vilt 50)."),
     label_smoothing: float = typer.Option(0.1),
     seed: int = typer.Option(0),
     threads: int = typer.Option(2, help="CPU threads."),
     work_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the cache); a rerun resumes there."),
 ) -> None:
-    """Pretrain a bundled model (vptune_vit_fmnist; vptune_swin_fmnist with --arch swin; vptune_clip_fmnist with --arch clip) and write its weights and model card."""
+    """Pretrain a bundled model (vptune_vit_fmnist; vptune_swin_fmnist with --arch swin; vptune_clip_fmnist with --arch clip;
+    vptune_vilt_fmnist with --arch vilt) and write its weights and model card."""
     from vptune.backbones.bundled import bundled_weights_path
 
+    if arch == "vilt":
+        from vptune.backbones.pretrain_vilt import pretrain_vilt
+
+        figures = pretrain_vilt(
+            out or bundled_weights_path().parent, steps=steps or 1200, batch_size=64 if batch_size is None else batch_size,
+            lr=lr or 1e-3, vit_lr=image_lr or 3e-4, weight_decay=0.01 if weight_decay is None else weight_decay,
+            warmup_steps=50 if warmup_steps is None else warmup_steps, seed=seed, threads=threads, work_dir=work_dir,
+        )
+        console.print("pretrain-val: " + ", ".join(f"{k} {v:.1f}" for k, v in figures["pretrain_val"].items()))
+        return
+    batch_size = 128 if batch_size is None else batch_size
+    weight_decay = 0.05 if weight_decay is None else weight_decay
     if arch == "clip":
         from vptune.backbones.pretrain_clip import pretrain_clip
 
         figures = pretrain_clip(
-            out or bundled_weights_path().parent, steps=steps, batch_size=batch_size, lr=lr or 2e-3, image_lr=image_lr,
+            out or bundled_weights_path().parent, steps=steps or 300, batch_size=batch_size, lr=lr or 2e-3, image_lr=image_lr or 2e-4,
             unlocked_blocks=unlocked_blocks, weight_decay=weight_decay, warmup_steps=30 if warmup_steps is None else warmup_steps,
             seed=seed, threads=threads, work_dir=work_dir,
         )
         console.print("zero-shot top-1: " + ", ".join(f"{k} {v:.1f}%" for k, v in figures["zero_shot"].items()))
         return
     if arch not in ("vit", "swin"):
-        raise ValueError(f"--arch must be vit, swin or clip, got {arch!r}")
+        raise ValueError(f"--arch must be vit, swin, clip or vilt, got {arch!r}")
     from vptune.backbones.pretrain import pretrain as run_pretrain
 
     results = run_pretrain(
@@ -861,6 +874,71 @@ def benchmark_mini(
     rows = benchmark(task_list, recipes, out, lr_factors=factors, weights=weights, on_run=on_run, backbone=backbone)
     Console(width=max(console.width, 120)).print(rich_table(rows, f"mini-benchmark, {backbone}"))
     console.print(f"results: {results}")
+
+
+@benchmark_app.command("minivl")
+@user_errors
+def benchmark_minivl(
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods (default: linear,full,lora,vpt-shallow,vpt-deep,e2vpt,apt)."),
+    tasks: Optional[str] = typer.Option(None, help="Comma-separated minivl tasks (default: vqa,nlvr,retrieval)."),
+    lrs: str = typer.Option("0.3,1,3", help="Learning-rate factors: each method's recipe lr times each is tried on val."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs for every run instead of each recipe's own (7)."),
+    train: Optional[int] = typer.Option(None, help="Train on the first N training examples of each task (default: all 2000)."),
+    val: Optional[int] = typer.Option(None, help="Score the first N val examples (default: all 500)."),
+    test: Optional[int] = typer.Option(None, help="Score the first N test examples (default: all 1000)."),
+    retrieval_val: Optional[int] = typer.Option(None, help="Retrieval: N val captions x N images (scoring is N^2 pairs; default: --val)."),
+    retrieval_test: Optional[int] = typer.Option(None, help="Retrieval: N test captions x N images (default: --test)."),
+    negatives: Optional[int] = typer.Option(None, help="Retrieval training: other images per caption (default 15)."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the runs (default: benchmark-minivl-BACKBONE); rerun the same command to resume."),
+    results: Path = typer.Option(Path("docs/results-minivl.md"), help="Markdown file whose section for --backbone is (re)written (rows beside it as .json)."),
+    backbone: str = typer.Option("vptune_vilt_fmnist", help="A vision-language backbone SPEC (default: the bundled ViLT); its section of the results file is its own."),
+    weights: Optional[Path] = typer.Option(None, help="Backbone weights instead of the backbone's own."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's; use 1 on a machine busy with other jobs)."),
+    tracker: str = typer.Option("none", help="Every run also logs to: none, tensorboard (RUN/tensorboard) or mlflow."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: one SQLite store, OUT/mlflow.db)."),
+) -> None:
+    """Every minivl task (VQA, NLVR, retrieval) x every method: lr chosen on val, retrained on train+val, test figures (resumable)."""
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from vptune.compare import VL_METHODS, VL_RECIPES, VL_TASKS, benchmark, recipes_for
+    from vptune.report import results_minivl_block, write_results_minivl, write_rows_json
+
+    def spec(task: str) -> str:
+        if task not in VL_TASKS:
+            raise ValueError(f"unknown minivl task {task!r}; expected some of: {', '.join(VL_TASKS)}")
+        sizes = {"train": train, "val": retrieval_val or val if task == "retrieval" else val,
+                 "test": retrieval_test or test if task == "retrieval" else test,
+                 "negatives": negatives if task == "retrieval" else None}
+        query = "&".join(f"{key}={value}" for key, value in sizes.items() if value is not None)
+        return f"minivl:{task}" + (f"?{query}" if query else "")
+
+    specs = [spec(task) for task in comma_list(tasks) or VL_TASKS]
+    out = out or Path(f"benchmark-minivl-{backbone}")
+    factors = parse_grid(lrs, float, "--lrs")
+    settings = {"eval_every": 0, **({} if epochs is None else {"epochs": epochs})}  # val only at the end
+    settings.update(tracking_settings(tracker, tracking_uri, out))
+    recipes = recipes_for(comma_list(methods) or VL_METHODS, VL_RECIPES, **settings)
+    total, done, started = len(specs) * len(recipes), [], time.perf_counter()
+
+    def write(rows: list[dict[str, Any]]) -> None:
+        block = results_minivl_block(rows, recipes, command=invocation(), lr_factors=factors, backbone=backbone, specs=specs,
+                                     wall_time_s=time.perf_counter() - started, complete=len(rows) == total)
+        write_results_minivl(results, block, bundled="vptune_vilt_fmnist")
+        write_rows_json(rows, results.with_suffix(".json"))  # what the block's figures were read from
+
+    def on_run(row: dict[str, Any]) -> None:
+        done.append(row)
+        figures = ", ".join(f"{k} {row[k]:.2f}" for k in ("test_vqa_score", "test_ir_r1", "test_tr_r1") if row.get(k) is not None)
+        shown = "[red]diverged[/]" if row["error"] else figures or f"test_top1 {row['test_top1']:.2f}"
+        console.print(f"[{len(done)}/{total}] {row['task']} {row['method']}: {shown} (lr {row['lr']:g})", highlight=False)
+        write(done)
+
+    benchmark(specs, recipes, out, lr_factors=factors, weights=weights, on_run=on_run, backbone=backbone)
+    console.print(f"results: {results} and {results.with_suffix('.json')}")
 
 
 # --- data: build the VTAB-1k and FGVC folders ------------------------------------------------

@@ -1,4 +1,5 @@
-"""Method x task comparisons: the runs behind ``vptune demo`` and ``vptune benchmark mini``.
+"""Method x task comparisons: the runs behind ``vptune demo``, ``vptune benchmark mini`` and
+``vptune benchmark minivl`` (``VL_RECIPES``: the vision-language tasks on a ViLT).
 
 A comparison trains each method's fixed recipe on each task (a data spec; by default tasks of
 the embedded mini-benchmark) with ``train_run`` and returns one row per run. Runs live in
@@ -9,7 +10,8 @@ stopped and started again with the same command.
 ``compare`` trains once per (task, method) on train800 and scores val200 and test.
 ``benchmark`` applies the papers' selection rule in small: for each learning rate of a short
 grid (the recipe's lr times each factor) train on train800 and score val200, then retrain the
-lr with the best val top-1 on the 1000 train+val images and report its test top-1. With a
+lr with the best val top-1 (a vision-language task: its own main metric, ``val_score``) on the
+train+val images and report its test figures. With a
 single factor there is nothing to choose: only the final run is trained (and no val is reported).
 """
 
@@ -71,19 +73,38 @@ RECIPES: dict[str, Recipe] = {r.method: r for r in (
     _recipe("apt", lr=3e-3, num_prompts=10),  # at 1e-2 its training loss rises and it ends at chance
 )}
 
+# Fixed recipes for the vision-language mini benchmark on a ViLT (``vptune benchmark minivl``): the
+# official APT recipe is AdamW at 5e-4 for 10 epochs on ViLT-B/32 with 200 prompts per layer; a CPU
+# affords an epoch or two of the small bundled ViLT (113 tokens, d=192), so the lrs are higher and
+# the prompt counts scaled down (docs/results-minivl.md). Every method also tunes ViLT's pooler
+# and token types (the official trainable set; vptune.backbones.vilt).
+VL_RECIPES: dict[str, Recipe] = {r.method: r for r in (
+    _recipe("linear", lr=1e-3),
+    _recipe("full", lr=1e-4, weight_decay=0.01),
+    _recipe("lora", lr=1e-3),
+    _recipe("vpt-shallow", lr=3e-3, num_prompts=10),
+    _recipe("vpt-deep", lr=3e-3, num_prompts=50),
+    _recipe("e2vpt", lr=3e-3),
+    _recipe("apt", lr=1e-3, num_prompts=50),
+)}
+VL_METHODS = tuple(VL_RECIPES)
+VL_TASKS = ("vqa", "nlvr", "retrieval")
+
 DEMO_TASKS = ("digits", "count")  # one natural task (not clothes), one structured (spatial reasoning)
 DEMO_METHODS = ("linear", "full", "vpt-shallow", "vpt-deep", "e2vpt", "apt", "lora")
 BENCHMARK_METHODS = ("linear", "mlp", "full", "bias", "partial", "lora", "vpt-shallow", "vpt-deep", "e2vpt", "apt")
 BENCHMARK_LR_FACTORS = (0.3, 1.0, 3.0)
 
 
-def recipes_for(methods: Iterable[str], **settings: Any) -> list[Recipe]:
-    """The fixed recipes of ``methods``, with training ``settings`` (e.g. epochs) overridden."""
+def recipes_for(methods: Iterable[str], table: dict[str, Recipe] | None = None, **settings: Any) -> list[Recipe]:
+    """The fixed recipes of ``methods`` (from ``table``, default ``RECIPES``), with training
+    ``settings`` (e.g. epochs) overridden."""
+    table = RECIPES if table is None else table
     chosen = []
     for method in methods:
-        if method not in RECIPES:
-            raise ValueError(f"no comparison recipe for method {method!r}; expected some of: {', '.join(RECIPES)}")
-        chosen.append(RECIPES[method].with_settings(**settings) if settings else RECIPES[method])
+        if method not in table:
+            raise ValueError(f"no comparison recipe for method {method!r}; expected some of: {', '.join(table)}")
+        chosen.append(table[method].with_settings(**settings) if settings else table[method])
     return chosen
 
 
@@ -98,7 +119,7 @@ def task_spec(task: str) -> str:
 
 
 def task_name(spec: str) -> str:
-    return spec.partition(":")[2].rstrip("/").split("/")[-1]
+    return spec.partition(":")[2].partition("?")[0].rstrip("/").split("/")[-1]
 
 
 def task_group(spec: str) -> str:
@@ -131,11 +152,28 @@ def run_once(
         return failed
 
 
+VL_KEYS = ("val_vqa_score", "test_vqa_score", "val_r1_mean", "test_ir_r1", "test_tr_r1")  # a vision-language task's own
+
+
+def val_key(metrics: dict[str, Any]) -> str:
+    """The val figure a run is chosen on: ``val_top1``, or a vision-language task's main metric
+    (``val_vqa_score``; ``val_r1_mean``, the mean of image and text R@1)."""
+    from .tasks import TASKS
+
+    task = metrics.get("task")
+    return f"val_{TASKS[task].main_metric}" if task in TASKS else "val_top1"
+
+
+def val_score(metrics: dict[str, Any]) -> float | None:
+    return metrics.get(val_key(metrics))
+
+
 def row(spec: str, recipe: Recipe, metrics: dict[str, Any], folder: Path, **extra: Any) -> dict[str, Any]:
     """One table row: what was run and what it scored (None where the run diverged)."""
     keys = ("val_top1", "test_top1", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s", "images_per_s")
+    task_keys = {key: metrics.get(key) for key in VL_KEYS if key in metrics}
     return {"task": task_name(spec), "group": task_group(spec), "method": recipe.method, "lr": recipe.train.lr,
-            **{key: metrics.get(key) for key in keys}, "error": metrics.get("error"), "run": str(folder), **extra}
+            **{key: metrics.get(key) for key in keys}, **task_keys, "error": metrics.get("error"), "run": str(folder), **extra}
 
 
 def compare(
@@ -187,7 +225,7 @@ def benchmark(
             for lr in lrs if len(lrs) > 1 else ():  # a single lr: nothing to choose, only the final run
                 metrics = run_once(base / f"search-lr{lr:g}", recipe.with_settings(lr=lr), spec,
                                    backbone=backbone, weights=weights, final=False, progress=progress)
-                searched[lr] = metrics.get("val_top1")
+                searched[lr] = val_score(metrics)
                 search_time += metrics.get("wall_time_s") or 0.0
             scored = {lr: val for lr, val in searched.items() if val is not None} if len(lrs) > 1 else {lrs[0]: None}
             extra = {"searched": searched, "search_time_s": search_time}
@@ -198,7 +236,7 @@ def benchmark(
                 chosen = recipe.with_settings(lr=best_lr)
                 folder = base / f"final-lr{best_lr:g}"
                 metrics = run_once(folder, chosen, spec, backbone=backbone, weights=weights, final=True, progress=progress)
-                rows.append(row(spec, chosen, {**metrics, "val_top1": scored[best_lr]}, folder, **extra))
+                rows.append(row(spec, chosen, {**metrics, val_key(metrics): scored[best_lr]}, folder, **extra))
             if on_run is not None:
                 on_run(rows[-1])
     return rows

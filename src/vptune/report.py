@@ -288,19 +288,21 @@ def write_rows_json(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def write_results_mini(path: Path, block: str) -> Path:
+def write_results_mini(path: Path, block: str, *, title: str = "# Results on the mini-benchmark", first: str = BEGIN,
+                       anchor: str = END) -> Path:
     """Put ``block`` into ``path``, replacing a previous one of the same backbone (its markers)
-    and keeping every other section."""
+    and keeping every other section; a new block goes after ``anchor`` (the end of the bundled
+    backbone's block, whose own block begins with ``first``), else after the title."""
     path = Path(path)
-    text = path.read_text() if path.is_file() else "# Results on the mini-benchmark\n"
+    text = path.read_text() if path.is_file() else f"{title}\n"
     begin = block.split("\n", 1)[0]
     end = next(line for line in block.splitlines()[::-1] if line.startswith("<!-- END"))
     if begin in text and end in text:
         head, rest = text.split(begin, 1)
         text = head + block + rest.split(end, 1)[1]
-    elif begin != BEGIN and END in text:  # another backbone's block goes after the bundled ViT's
-        head, rest = text.split(END, 1)
-        text = f"{head}{END}\n\n{block}{rest}"
+    elif begin != first and anchor in text:  # another backbone's block goes after the bundled backbone's
+        head, rest = text.split(anchor, 1)
+        text = f"{head}{anchor}\n\n{block}{rest}"
     else:
         title, _, body = text.partition("\n")
         text = f"{title}\n\n{block}\n{body}"
@@ -309,3 +311,170 @@ def write_results_mini(path: Path, block: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+# --- the vision-language mini benchmark (vptune benchmark minivl) ------------------------------
+
+MINIVL_FILE_TITLE = "# Results on the vision-language mini benchmark"
+# The APT paper's ViLT-B/32 table (Wu et al., "Approximated Prompt Tuning for Vision-Language
+# Pre-trained Models", arXiv 2306.15706; the same figures as the official repository's README):
+# tuned parameters without the task heads, additional GFLOPs, VQAv2 test-dev VQA score, NLVR2
+# test-P accuracy, Flickr30K image and text retrieval R@1, and their average.
+PAPER_VILT: tuple[dict[str, Any], ...] = (
+    {"method": "full", "label": "full fine-tuning", "params": "115.43M", "gflops": 0.0, "vqa": 71.26, "nlvr": 76.13, "ir": 64.40, "tr": 83.50, "avg": 73.82},
+    {"method": "vpt-deep", "label": "deep prompt", "params": "1.84M", "gflops": 5.14, "vqa": 69.30, "nlvr": 73.34, "ir": 58.64, "tr": 79.50, "avg": 70.20},
+    {"method": "lora", "label": "LoRA", "params": "0.15M", "gflops": 0.0, "vqa": 68.44, "nlvr": 72.77, "ir": 57.44, "tr": 77.70, "avg": 69.09},
+    {"method": "adapter", "label": "adapter", "params": "3.56M", "gflops": 0.86, "vqa": 70.85, "nlvr": 75.51, "ir": 62.68, "tr": 81.40, "avg": 72.61},
+    {"method": "apt", "label": "APT", "params": "1.92M", "gflops": 0.91, "vqa": 70.94, "nlvr": 75.92, "ir": 63.26, "tr": 81.60, "avg": 72.93},
+    {"method": "linear", "label": "classifier only", "params": "-", "gflops": 0.0, "vqa": None, "nlvr": None, "ir": None, "tr": None, "avg": 66.81},
+)
+PAPER_SOURCE = ("the APT paper's ViLT table (Wu et al., arXiv 2306.15706, also in the official repository's README): "
+                "ViLT-B/32 on VQAv2, NLVR2 and Flickr30K; tuned parameters without the task heads")
+_FIGURES = (("vqa", "test_vqa_score", "VQA score"), ("nlvr", "test_top1", "NLVR top-1"), ("retrieval", "test_ir_r1", "IR R@1"),
+            ("retrieval", "test_tr_r1", "TR R@1"))
+
+
+def minivl_markers(backbone: str) -> tuple[str, str]:
+    """Each backbone's block of docs/results-minivl.md has its own markers."""
+    return (f"<!-- BEGIN vptune benchmark minivl --backbone {backbone}: generated, edit outside this block -->",
+            f"<!-- END vptune benchmark minivl --backbone {backbone} -->")
+
+
+def minivl_figures(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """{method: {VQA score, NLVR top-1, IR R@1, TR R@1, their average (None unless all four),
+    tuned params and extra GFLOPs of the VQA run}}, from the final runs' rows."""
+    by = {(r["task"], r["method"]): r for r in rows}
+    table: dict[str, dict[str, Any]] = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        figures = [None if by.get((task, method)) is None else by[task, method].get(key) for task, key, _ in _FIGURES]
+        vqa = by.get(("vqa", method)) or next(r for r in rows if r["method"] == method)
+        table[method] = {"figures": figures, "avg": None if None in figures else sum(figures) / 4,
+                         "tuned_params": vqa.get("tuned_params"), "extra_gflops": vqa.get("extra_gflops")}
+    return table
+
+
+def minivl_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Ours beside the paper's: methods down; our four figures, average, tuned parameters and
+    extra GFLOPs, then the paper's average, parameters and extra GFLOPs for the same method."""
+    paper = {p["method"]: p for p in PAPER_VILT}
+    lines = []
+    for method, f in minivl_figures(rows).items():
+        p = paper.get(method)
+        lines.append([method, *(_pct(v) for v in f["figures"]), _pct(f["avg"]), _count(f["tuned_params"]),
+                      "-" if f["extra_gflops"] is None else f"{f['extra_gflops']:.4f}",
+                      "-" if p is None else _pct(p["avg"]), "-" if p is None else p["params"],
+                      "-" if p is None else f"{p['gflops']:.2f}"])
+    header = ["method", *(label for _, _, label in _FIGURES), "avg", "tuned params", "extra GFLOPs",
+              "paper avg", "paper params", "paper +GFLOPs"]
+    return markdown_table(header, lines)
+
+
+def paper_vilt_table() -> str:
+    lines = [[p["label"], p["params"], f"{p['gflops']:.2f}", *(_pct(p[k]) for k in ("vqa", "nlvr", "ir", "tr", "avg"))]
+             for p in PAPER_VILT]
+    return markdown_table(["method", "params", "+GFLOPs", "VQA", "NLVR2", "IR R@1", "TR R@1", "avg"], lines)
+
+
+def minivl_claims(rows: Sequence[dict[str, Any]]) -> str:
+    """The paper's claims about APT on ViLT, each with the paper's figures and ours."""
+    ours = minivl_figures(rows)
+    paper = {p["method"]: p for p in PAPER_VILT}
+
+    def avg(method: str) -> float | None:
+        return ours.get(method, {}).get("avg")
+
+    def gflops(method: str) -> float | None:
+        return ours.get(method, {}).get("extra_gflops")
+
+    def verdict(value: bool | None) -> str:
+        return "not measured" if value is None else "holds" if value else "does not hold"
+
+    claims = []
+    a, d = avg("apt"), avg("vpt-deep")
+    claims.append(["APT is more accurate than deep prompts", f"{paper['apt']['avg']:.2f} vs {paper['vpt-deep']['avg']:.2f}",
+                   "-" if None in (a, d) else f"{a:.2f} vs {d:.2f}", verdict(None if None in (a, d) else a > d)])
+    ga, gd = gflops("apt"), gflops("vpt-deep")
+    share = None if None in (ga, gd) or not gd else 100 * ga / gd
+    claims.append(["APT adds 17.7% of deep prompts' extra GFLOPs", "0.91 vs 5.14 (17.7%)",
+                   "-" if share is None else f"{ga:.4f} vs {gd:.4f} ({share:.1f}%)", verdict(None if share is None else share < 100)])
+    f = avg("full")
+    claims.append(["APT comes within a point of full fine-tuning", f"{paper['apt']['avg']:.2f} vs {paper['full']['avg']:.2f}",
+                   "-" if None in (a, f) else f"{a:.2f} vs {f:.2f}", verdict(None if None in (a, f) else a >= f - 1.0)])
+    lo = avg("lora")
+    claims.append(["APT is more accurate than LoRA", f"{paper['apt']['avg']:.2f} vs {paper['lora']['avg']:.2f}",
+                   "-" if None in (a, lo) else f"{a:.2f} vs {lo:.2f}", verdict(None if None in (a, lo) else a > lo)])
+    c = avg("linear")
+    claims.append(["APT is more accurate than the classifier alone", f"{paper['apt']['avg']:.2f} vs {paper['linear']['avg']:.2f}",
+                   "-" if None in (a, c) else f"{a:.2f} vs {c:.2f}", verdict(None if None in (a, c) else a > c)])
+    return markdown_table(["the paper's claim", "paper (avg)", "here (avg)", "here"], claims)
+
+
+def minivl_runs_table(rows: Sequence[dict[str, Any]]) -> str:
+    """Every final run: the val figure it was chosen on, its test figures, size, cost and time."""
+    lines = []
+    for r in rows:
+        val = r.get("val_vqa_score", r.get("val_r1_mean", r.get("val_top1")))
+        test = ("diverged" if r["error"] else ", ".join(f"{label} {_pct(r.get(key))}" for task, key, label in _FIGURES
+                                                          if task == r["task"]))
+        lines.append([r["task"], r["method"], f"{r['lr']:g}", _pct(val), test, _count(r["tuned_params"]),
+                      "-" if r["extra_gflops"] is None else f"{r['extra_gflops']:.4f}",
+                      "-" if r["wall_time_s"] is None else f"{r['wall_time_s']:.0f}",
+                      f"{r.get('search_time_s', 0.0):.0f}"])
+    return markdown_table(["task", "method", "lr", "val", "test", "tuned params", "extra GFLOPs", "train s", "search s"],
+                          lines, left=2)
+
+
+def results_minivl_block(
+    rows: Sequence[dict[str, Any]], recipes: Sequence[Recipe], *, command: str, lr_factors: Sequence[float],
+    backbone: str, specs: Sequence[str], wall_time_s: float, complete: bool,
+) -> str:
+    """A backbone's section of docs/results-minivl.md, between its own BEGIN/END markers."""
+    status = "" if complete else "\n**Partial**: the benchmark was stopped before every run finished; `-` marks what is missing.\n"
+    factors = ", ".join(f"{f:g}" for f in lr_factors)
+    protocol = (
+        f"for each task and method, the recipe's learning rate times each of ({factors}) is trained on the train "
+        "split and scored on val (VQA score; NLVR top-1; retrieval: the mean of image and text R@1); the best lr is "
+        "retrained on train+val and scored on test." if len(lr_factors) > 1 else
+        f"no learning-rate search (a single lr factor, {factors}): each method's recipe is trained once on train+val "
+        "and scored on test."
+    )
+    compute = sum((r["wall_time_s"] or 0.0) + r.get("search_time_s", 0.0) for r in rows)
+    begin, end = minivl_markers(backbone)
+    data = ", ".join(f"`{s}`" for s in specs)
+    return f"""{begin}
+## `{backbone}`: every method on the three minivl tasks
+
+- Command: `{command}`
+- Backbone: `{backbone}`; data: {data}
+- Machine: {machine()}
+- Date: {now()}; wall time of this invocation {wall_time_s / 3600:.2f} h (runs finished earlier are read back);
+  training time of all its runs, search and final: {compute / 3600:.2f} h
+- Protocol: {protocol} One seed (0).
+{status}
+Test figures (%): VQA score (`test_vqa_score`), NLVR top-1 (`test_top1`), image and text
+retrieval R@1 (`test_ir_r1`, `test_tr_r1`), their average as the paper averages its four; tuned
+parameters of the VQA run (head, pooler and token types included) and additional inference
+GFLOPs per image-text pair over the frozen backbone with the task head (of the model as run,
+LoRA unmerged). Beside them, the paper's average, parameters and extra GFLOPs for the same
+method on ViLT-B/32 ({PAPER_SOURCE}):
+
+{minivl_table(rows)}
+
+### The paper's claims, here
+{minivl_claims(rows)}
+
+### The paper's ViLT table ({PAPER_SOURCE})
+{paper_vilt_table()}
+
+### Every final run (val: the chosen search run's figure; train s: the final run's training time)
+{minivl_runs_table(rows)}
+
+### Recipes (before the lr factor)
+{recipes_table(recipes)}
+{end}"""
+
+
+def write_results_minivl(path: Path, block: str, bundled: str) -> Path:
+    """Put a backbone's block into docs/results-minivl.md (another backbone's goes after the bundled ViLT's)."""
+    begin, end = minivl_markers(bundled)
+    return write_results_mini(path, block, title=MINIVL_FILE_TITLE, first=begin, anchor=end)

@@ -33,7 +33,7 @@ def load_backbone(
     shipped weights, no download), a timm model
     name (random weights, or timm's hub weights with ``pretrained=True``), or
     ``open_clip:NAME[/TAG]`` (a whole CLIP model: open_clip's weights for TAG), the bundled CLIP
-    ``vptune_clip_fmnist``, ``hf:NAME`` (a transformers ViLT), or ``meter[:SIZE]`` (METER-B's
+    ``vptune_clip_fmnist``, the bundled ViLT ``vptune_vilt_fmnist``, ``hf:NAME`` (a transformers ViLT), or ``meter[:SIZE]`` (METER-B's
     shape at SIZE px, default 288: random weights, or an official checkpoint with ``weights``). ``weights`` loads a local
     .safetensors, .pth/.pt or big_vision .npz file instead (for ``hf:``, a ``save_pretrained``
     folder or a .safetensors file).
@@ -46,6 +46,12 @@ def load_backbone(
         from .meter import load_meter
 
         return load_meter(spec, weights)
+    if spec == "vptune_vilt_fmnist":
+        from .vilt_bundled import load_bundled_vilt
+
+        model = load_bundled_vilt(weights)
+        family_of(model)
+        return model
     if spec.startswith("hf:"):
         from .vilt import load_vilt
 

@@ -1,4 +1,5 @@
-"""Pretrain a bundled backbone on the Fashion-MNIST train set (``vptune pretrain [--arch vit|swin]``).
+"""Pretrain a bundled backbone on the Fashion-MNIST train set (``vptune pretrain [--arch vit|swin]``),
+and the step loop (``train_steps``) of the bundled models pretrained on drawn batches (CLIP, ViLT).
 
 A plain supervised loop: AdamW, linear warm-up then cosine (per step), bf16 autocast, light
 augmentation (random crop with padding, horizontal flip), label smoothing. Writes the backbone
@@ -13,6 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +77,62 @@ def _save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_at: Callable[[int], tuple[Tensor, dict[str, float]]],
+    *,
+    steps: int,
+    warmup_steps: int,
+    recipe: dict,
+    checkpoint_path: Path,
+    checkpoint_every: int = 20,
+    log_every: int = 10,
+    batch_size: int = 1,
+) -> tuple[int, float]:
+    """The step loop of the bundled models pretrained on batches drawn per step (CLIP, ViLT).
+
+    ``loss_at(step)`` draws the step's batch (the same on resume) and returns the loss and
+    figures to log (averaged over ``log_every`` steps). Each parameter group's lr follows
+    ``lr_at`` to its own ``peak``. A checkpoint (model, optimizer, step, time, ``recipe``) is
+    written every ``checkpoint_every`` steps; one with the same recipe is resumed, one with
+    another is ignored. Returns (the step it started from, training seconds over all sessions)."""
+    start, elapsed = 0, 0.0
+    if checkpoint_path.is_file():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if state["recipe"] == recipe:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start, elapsed = state["step"], state["elapsed"]
+            print(f"resuming after step {start} from {checkpoint_path}", flush=True)
+        else:
+            print(f"ignoring {checkpoint_path}: it was written with another recipe", flush=True)
+    model.train()
+    window, sums, seen = time.perf_counter(), {}, 0
+    for step in range(start, steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, warmup_steps, group["peak"])
+        loss, figures = loss_at(step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; the last good checkpoint is {checkpoint_path}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += 1
+        for key, value in {"loss": loss.item(), **figures}.items():
+            sums[key] = sums.get(key, 0.0) + value
+        if (step + 1) % log_every == 0:
+            t = time.perf_counter()
+            shown = " ".join(f"{key} {value / seen:.4f}" for key, value in sums.items())
+            print(f"step {step + 1}/{steps} {shown} {seen * batch_size / (t - window):.1f} pairs/s", flush=True)
+            elapsed += t - window
+            window, sums, seen = t, {}, 0
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
+                          "elapsed": elapsed + time.perf_counter() - window, "recipe": recipe}, checkpoint_path)
+    return start, elapsed + time.perf_counter() - window
 
 
 def pretrain(

@@ -8,16 +8,13 @@ The image tower starts from the bundled ViT (``clip_bundled.init_from_vit``); it
 stay locked (as in LiT, and so that a CPU spends its time on the new text tower) and its last
 ``unlocked_blocks`` blocks, final norm and projection are tuned at a lower learning rate than
 the new text tower. A checkpoint is written every ``checkpoint_every``
-steps; rerunning the same command resumes there. At the end the weights and a model card with
+steps (``pretrain.train_steps``, the loop it shares with the bundled ViLT); rerunning the same command resumes there. At the end the weights and a model card with
 zero-shot accuracies on the mini-benchmark's canvas tasks are written.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +27,7 @@ from ..data.cache import cache_root
 from ..report import machine, now
 from .bundled import MEAN, STD
 from .clip_bundled import BUNDLED_CLIP, build_bundled_clip, clip_config, init_from_vit
+from .pretrain import train_steps
 
 ZERO_SHOT_TASKS = ("location", "orientation", "count", "scale")
 
@@ -48,12 +46,6 @@ def batch_of(rng: np.random.Generator, size: int, pool: str = "pretrain") -> tup
     scenes = [sample_scene(rng) for _ in range(size)]
     canvases, _ = render(scenes, pool, rng)
     return to_input(canvases), [caption(scene, rng) for scene in scenes]
-
-
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def clip_loss(model, images: Tensor, tokens: Tensor) -> Tensor:
@@ -127,45 +119,18 @@ def pretrain_clip(
         {"params": [p for p in text_params if p.ndim <= 1], "weight_decay": 0.0, "peak": lr},
     ]
     optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    start, elapsed = 0, 0.0
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if state["recipe"] == recipe:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            start, elapsed = state["step"], state["elapsed"]
-            print(f"resuming after step {start} from {checkpoint_path}", flush=True)
-        else:
-            print(f"ignoring {checkpoint_path}: it was written with another recipe", flush=True)
 
-    print(f"pretraining {BUNDLED_CLIP}: {recipe}, {threads} threads", flush=True)
-    model.train()
-    window, loss_sum, seen = time.perf_counter(), 0.0, 0
-    for step in range(start, steps):
+    def loss_at(step: int) -> tuple[Tensor, dict[str, float]]:
         rng = np.random.default_rng([seed, step])  # the batch of a step is the same on resume
         images, texts = batch_of(rng, batch_size)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, warmup_steps, group["peak"])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = clip_loss(model, images, model.tokenizer(texts))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; the last good checkpoint is {checkpoint_path}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum, seen = loss_sum + loss.item(), seen + 1
-        if (step + 1) % log_every == 0:
-            t = time.perf_counter()
-            print(f"step {step + 1}/{steps} loss {loss_sum / seen:.4f} scale {model.logit_scale.exp().item():.1f} "
-                  f"{log_every * batch_size / (t - window):.1f} pairs/s", flush=True)
-            elapsed += t - window
-            window, loss_sum, seen = t, 0.0, 0
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            tmp = checkpoint_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                        "elapsed": elapsed + time.perf_counter() - window, "recipe": recipe}, tmp)
-            os.replace(tmp, checkpoint_path)
-    elapsed += time.perf_counter() - window
+        return loss, {"scale": model.logit_scale.exp().item()}
+
+    print(f"pretraining {BUNDLED_CLIP}: {recipe}, {threads} threads", flush=True)
+    start, elapsed = train_steps(model, optimizer, loss_at, steps=steps, warmup_steps=warmup_steps, recipe=recipe,
+                                 checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
+                                 log_every=log_every, batch_size=batch_size)
 
     results = zero_shot(model)
     print("zero-shot top-1: " + ", ".join(f"{k} {v:.1f}%" for k, v in results.items()), flush=True)

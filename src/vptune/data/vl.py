@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 
 from .images import DataError, open_image
 
-VL_SPEC_FORMS = "minivl:vqa, minivl:nlvr, minivl:retrieval, vqav2:ROOT, nlvr2:ROOT or f30k:ROOT"
+VL_SPEC_FORMS = "minivl:vqa, minivl:nlvr, minivl:retrieval (with ?test=N, ...: a subset), vqav2:ROOT, nlvr2:ROOT or f30k:ROOT"
 DEFAULT_MAX_LENGTH = 40  # ViLT's text length
 
 
@@ -227,15 +227,41 @@ def build_vl_data(spec: str, data_config: dict, tokenizer: Any = None, *, final:
     return bundle
 
 
-def _minivl(task: str, spec: str, tokenizer: Any, transform: Callable, final: bool, max_length: int,
+def minivl_options(argument: str, spec: str) -> tuple[str, dict[str, int]]:
+    """``TASK`` and the options of a ``minivl:TASK?train=N&val=N&test=N&negatives=K`` spec: each
+    split cut to its first N examples (a retrieval split: N captions and their N images, so
+    its evaluation scores N x N pairs), and K other images per caption in retrieval training
+    (default 15). The generated splits are in random order, so their first N are a random draw."""
+    from . import minivl
+
+    task, _, query = argument.partition("?")
+    if task not in minivl.TASKS:
+        raise DataError(f"unknown minivl task {task!r}; the vision-language mini benchmark has: {', '.join(minivl.TASKS)}")
+    options: dict[str, int] = {}
+    for item in filter(None, query.split("&")):
+        key, _, value = item.partition("=")
+        limit = minivl.SPLITS.get(key, 10**6 if key == "negatives" and task == "retrieval" else None)
+        if limit is None:
+            known = ", ".join([*minivl.SPLITS, *(["negatives"] if task == "retrieval" else [])])
+            raise DataError(f"{spec}: unknown option {key!r}; minivl:{task} takes {known} (e.g. minivl:{task}?test=200)")
+        if not value.isdigit() or not 1 <= int(value) <= limit:
+            raise DataError(f"{spec}: {key}={value!r} must be a whole number from 1 to {limit}")
+        options[key] = int(value)
+    return task, options
+
+
+def _minivl(argument: str, spec: str, tokenizer: Any, transform: Callable, final: bool, max_length: int,
             negatives: int) -> VLDataBundle:
     from . import minivl
 
-    if task not in minivl.TASKS:
-        raise DataError(f"unknown minivl task {task!r}; the vision-language mini benchmark has: {', '.join(minivl.TASKS)}")
+    task, options = minivl_options(argument, spec)
+    negatives = options.get("negatives", negatives)
     data = minivl.load(task)
     parts = {}
     for split, part in data.items():
+        if split in options:  # the first N examples (nlvr: N pairs of canvases)
+            part = minivl.MiniVLSplit(part.images[:options[split]], part.texts[:options[split]], part.labels[:options[split]],
+                                      part.groups[:options[split]], {k: v[:options[split]] for k, v in part.scenes.items()})
         texts = part.texts.tolist()
         ids, mask = encode_texts(tokenizer, texts, max_length, [f"{spec} {split} {i}" for i in range(len(texts))])
         n = len(texts)
