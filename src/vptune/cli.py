@@ -477,7 +477,7 @@ def pretrain(
     out: Optional[Path] = typer.Option(None, help="Folder for the weights and model card (default: the package's)."),
     arch: str = typer.Option("vit", help="vit: the bundled ViT on Fashion-MNIST; swin: the bundled Swin on Fashion-MNIST; clip: the bundled CLIP on captioned canvases; vilt: the bundled ViLT on captioned canvases (ITM + MLM)."),
     epochs: int = typer.Option(2, help="Passes over the 60,000 Fashion-MNIST training images (vit, swin)."),
-    steps: Optional[int] = typer.Option(None, help="Steps (clip: contrastive, 300; vilt: ITM + MLM, 1200)."),
+    steps: Optional[int] = typer.Option(None, help="Steps (clip: contrastive, 300; vilt: ITM + MLM, 400)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch (128; vilt 64 pairs)."),
     lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (vit 1e-3; clip: text side 2e-3; vilt: new tensors 1e-3)."),
     image_lr: Optional[float] = typer.Option(None, help="Peak learning rate of the unlocked image blocks (clip, 2e-4) or of the tensors started from the ViT (vilt, 3e-4)."),
@@ -497,7 +497,7 @@ def pretrain(
         from vptune.backbones.pretrain_vilt import pretrain_vilt
 
         figures = pretrain_vilt(
-            out or bundled_weights_path().parent, steps=steps or 1200, batch_size=64 if batch_size is None else batch_size,
+            out or bundled_weights_path().parent, steps=steps or 400, batch_size=64 if batch_size is None else batch_size,
             lr=lr or 1e-3, vit_lr=image_lr or 3e-4, weight_decay=0.01 if weight_decay is None else weight_decay,
             warmup_steps=50 if warmup_steps is None else warmup_steps, seed=seed, threads=threads, work_dir=work_dir,
         )

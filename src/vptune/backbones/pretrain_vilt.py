@@ -132,7 +132,7 @@ def validate(model: ViltPretrainer, tokenizer, mlm_probability: float = 0.15, ba
 
 
 def pretrain_vilt(
-    out: Path, steps: int = 1200, batch_size: int = 64, lr: float = 1e-3, vit_lr: float = 3e-4, weight_decay: float = 0.01,
+    out: Path, steps: int = 400, batch_size: int = 64, lr: float = 1e-3, vit_lr: float = 3e-4, weight_decay: float = 0.01,
     warmup_steps: int = 50, mlm_probability: float = 0.15, corpus_size: int = 30000, seed: int = 0, threads: int = 1,
     work_dir: Path | None = None, checkpoint_every: int = 25, log_every: int = 10,
 ) -> dict:
@@ -264,7 +264,7 @@ Rerunning the command resumes from the last checkpoint in `$VPTUNE_CACHE/pretrai
 def main() -> None:
     parser = argparse.ArgumentParser(description="Pretrain the bundled ViLT on captioned canvases (ITM + MLM).")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--image-lr", type=float, default=3e-4, help="peak lr of the tensors started from the ViT")

@@ -27,6 +27,10 @@ the tests hold every task's rows to its own ``PromptModel`` output.
 
 Methods that tune backbone weights (full, partial, BitFit, LoRA) change what every layer
 computes for their images and are refused with the reason.
+
+Vision-language runs (VQA, NLVR, retrieval on a ViLT) are answered by ``answer_vl``: each
+task's own ``PromptModel`` on the shared backbone, one pass per task and batch, since each run
+has its own copies of ViLT's pooler and token types.
 """
 
 from __future__ import annotations
@@ -111,10 +115,36 @@ class Task:
     labels: list[str]
     group: int  # 0: prompt tokens go through some block; 1: extra keys/values only; 2: neither
     banks: dict = dataclasses.field(default_factory=dict, repr=False)  # cached keys/values per device/dtype
+    kind: str = "classification"  # or a vision-language task: vqa, nlvr, retrieval
+    tokenizer: object = dataclasses.field(default=None, repr=False)  # a vision-language task's text tokenizer
 
     @property
     def method_name(self) -> str:
         return self.model.config.method_name()
+
+    @property
+    def reads_text(self) -> bool:
+        return self.kind != "classification"
+
+    @property
+    def images(self) -> tuple[int, int]:
+        """How many images one request holds: (fewest, most; 0: no limit but the server's)."""
+        return {"vqa": (1, 1), "nlvr": (2, 2), "retrieval": (1, 0)}.get(self.kind, (1, 0))
+
+    def encode_text(self, text: str) -> tuple[Tensor, Tensor, list[str]]:
+        """``input_ids`` and ``attention_mask`` (1, T) of ``text`` as the run was trained (the
+        run's tokenizer, padded to the model's text length); a longer text is truncated, as in
+        the data, and the warning is returned with them."""
+        import warnings
+
+        from ..data.vl import encode_texts
+
+        family = self.model.family
+        length = min(getattr(self.tokenizer, "model_max_length", None) or family.text_length(), family.text_length())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ids, mask = encode_texts(self.tokenizer, [text], length, ["the text"])
+        return ids, mask, [str(w.message) for w in caught]
 
 
 @dataclasses.dataclass
@@ -159,9 +189,6 @@ class MultiTaskModel(nn.Module):
         family = family_of(backbone)
         if not isinstance(family, SequenceFamily):
             raise TypeError(f"mixed-task serving walks token-sequence families (ViT, Eva, BEiT); {family.name} is not one")
-        if family.reads_text:
-            raise TypeError(f"vptune serve answers image tasks; {family.name} reads images with text, and vision-language "
-                            "runs are not served yet: use vptune predict --run RUN --image FILE --text TEXT")
         self.family = family
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
@@ -257,9 +284,18 @@ class MultiTaskModel(nn.Module):
         labels = [str(n) for n in names] if isinstance(names, list) and len(names) == model.num_classes else None
         plan = _prompt_plan(layers, depth)
         extra_keys = "kv" in plan or any(method.kv_prompts(i) is not None for i in range(depth))
+        kind, tokenizer = model.task.name, None
+        if kind != "classification":  # answered by the run's own PromptModel on the shared backbone
+            from ..train.run import tokenizer_for
+
+            tokenizer = tokenizer_for("", None, False, model.metadata.get("tokenizer", "word"))
+            labels = {"vqa": list(getattr(model.task, "answers", [])), "nlvr": ["false", "true"]}.get(kind, ["match"])
+        elif self.family.reads_text:
+            raise ValueError(f"task {name!r} classifies images, but this backbone ({self.family.name}) reads images with text")
         return Task(
             name=name, run_dir=run_dir, model=model, plan=plan, num_prompts=num_prompts, key_bias=key_bias,
             labels=labels or [str(i) for i in range(model.num_classes)], group=0 if "tokens" in plan else 1 if extra_keys else 2,
+            kind=kind, tokenizer=tokenizer,
         )
 
     # --- the cached keys/values ----------------------------------------------------------------
@@ -307,6 +343,8 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"{images.shape[0]} images but {len(tasks)} task names: give one task per image")
         with self._lock, torch.no_grad():
             tasks = [task if isinstance(task, Task) else self.task(task) for task in tasks]
+            if any(task.reads_text for task in tasks):
+                raise ValueError("vision-language tasks read text with their images: answer them with answer_vl")
             info = list(dict.fromkeys(tasks))
             info.sort(key=lambda task: task.group)
             position = {task: j for j, task in enumerate(info)}
@@ -323,6 +361,17 @@ class MultiTaskModel(nn.Module):
                 for j, row in zip(order[span], task.model.head(features[span])):
                     out[j] = row
             return out  # type: ignore[return-value]
+
+    def answer_vl(self, task: Task | str, inputs: Mapping[str, Tensor]) -> Tensor:
+        """A vision-language task's head outputs for a batch dict (``image`` or ``image0`` and
+        ``image1``, ``input_ids``, ``attention_mask``): the task's own ``PromptModel`` on the
+        shared backbone, one pass per task (its pooler and token types are its own, so rows of
+        different vision-language tasks are not mixed in one pass)."""
+        with self._lock, torch.no_grad():
+            task = task if isinstance(task, Task) else self.task(task)
+            if not task.reads_text:
+                raise ValueError(f"task {task.name!r} classifies images: call the model with images")
+            return task.model(inputs)
 
     def _walk(self, x: Tensor, aux, info: list[Task], spans: list[slice]) -> Tensor:
         """The blocks over the task-sorted batch, in up to three row groups: tasks whose prompt

@@ -2,7 +2,8 @@
 
 ``GET /health`` (always open), ``GET /v1/tasks``, ``POST /v1/tasks/{task}/predict`` (one or
 more images as repeated multipart fields ``file``; top-k labels with probabilities, one
-result per image) and ``GET /metrics`` (Prometheus). Every request that the server cannot
+result per image; a vision-language task reads the form field ``text`` with its image, two
+for NLVR, any number for retrieval, and gives one answer) and ``GET /metrics`` (Prometheus). Every request that the server cannot
 serve gets a JSON ``{"detail": ...}`` and the server goes on: not an image or a corrupt one
 400, no or a wrong API key 401, a task outside the key's scope 403, unknown task 404, a body
 too slow 408, a body or image over the limits 413, too many images in flight 503 with
@@ -36,13 +37,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from torch import Tensor, nn
 
-from ..data.transforms import backbone_data_config, eval_transform
+from ..data.transforms import backbone_data_config, eval_transform, resize_transform
 from .batching import MicroBatcher, Overloaded
 from .live import TaskWatcher, open_tasks
 from .metrics import ServerMetrics
@@ -88,9 +89,10 @@ class ServeConfig:
 
 @dataclasses.dataclass
 class _Item:
-    image: Tensor
+    image: Tensor | None  # None for a vision-language request: its images and text are in ``inputs``
     task: Task  # held from the request's arrival: a task replaced meanwhile answers with the old run
     k: int
+    inputs: dict[str, Tensor] | None = None  # a vision-language request's batch dict (batch of one)
 
 
 class BadImage(ValueError):
@@ -169,20 +171,49 @@ class ImageDecoder:
 
 
 def _predict(model: MultiTaskModel, items: Sequence[_Item]) -> list[list[dict[str, Any]]]:
-    """One mixed-task pass over the batch; the top-k labels of each image."""
-    device = next(model.backbone.parameters()).device
-    images = torch.stack([item.image for item in items]).to(device)
-    logits = model(images, [item.task for item in items])
-    results = []
-    for item, row in zip(items, logits):
-        probs = row.float().softmax(-1)
-        top = probs.topk(min(item.k, probs.numel()))
-        labels = item.task.labels
-        results.append([
-            {"label": labels[i], "index": i, "probability": p}
-            for p, i in zip(top.values.tolist(), top.indices.tolist())
-        ])
+    """One mixed-task pass over the batch's images; the top-k labels of each image. The
+    vision-language requests go by task (``_predict_vl``)."""
+    results: list[Any] = [None] * len(items)
+    images = [j for j, item in enumerate(items) if item.inputs is None]
+    if images:
+        device = next(model.backbone.parameters()).device
+        logits = model(torch.stack([items[j].image for j in images]).to(device), [items[j].task for j in images])
+        for j, row in zip(images, logits):
+            probs = row.float().softmax(-1)
+            top = probs.topk(min(items[j].k, probs.numel()))
+            labels = items[j].task.labels
+            results[j] = [{"label": labels[i], "index": i, "probability": p} for p, i in zip(top.values.tolist(), top.indices.tolist())]
+    _predict_vl(model, items, results)
     return results
+
+
+def _predict_vl(model: MultiTaskModel, items: Sequence[_Item], results: list[Any]) -> None:
+    """The vision-language requests: one pass per task and input shape (a retrieval request may
+    hold any number of images). VQA: the top-k answers with their sigmoid scores, as the task
+    trains them; NLVR: true and false with their probabilities; retrieval: each image's match
+    score with the text, best first."""
+    device = next(model.backbone.parameters()).device
+    groups: dict[tuple, list[int]] = {}
+    for j, item in enumerate(items):
+        if item.inputs is not None:
+            shapes = tuple((key, tuple(value.shape)) for key, value in sorted(item.inputs.items()))
+            groups.setdefault((id(item.task), shapes), []).append(j)
+    for rows in groups.values():
+        task = items[rows[0]].task
+        inputs = {key: torch.cat([items[j].inputs[key] for j in rows]).to(device) for key in items[rows[0]].inputs}
+        outputs = model.answer_vl(task, inputs).float()
+        for j, row in zip(rows, outputs):
+            if task.kind == "vqa":
+                scores = row.sigmoid()
+                top = scores.topk(min(items[j].k, scores.numel()))
+                results[j] = [{"label": task.labels[i], "index": i, "score": p} for p, i in zip(top.values.tolist(), top.indices.tolist())]
+            elif task.kind == "nlvr":
+                probs = row.softmax(-1)
+                results[j] = sorted(({"label": task.labels[i], "index": i, "probability": probs[i].item()} for i in (0, 1)),
+                                    key=lambda entry: -entry["probability"])
+            else:
+                results[j] = sorted(({"image": i, "score": score} for i, score in enumerate(row.tolist())),
+                                    key=lambda entry: -entry["score"])
 
 
 class BodyLimit:
@@ -296,7 +327,8 @@ def create_app(
 
     @app.get("/v1/tasks")
     async def tasks(request: Request) -> dict[str, Any]:
-        """Every task this key may use: its method, its number of classes and their labels."""
+        """Every task this key may use: its method, its number of classes and their labels (a
+        vision-language task: also its kind and how many images a request holds)."""
         allowed = in_scope(request)
         listed = []
         for name in model.task_names:
@@ -305,7 +337,11 @@ def create_app(
             except KeyError:  # removed meanwhile
                 continue
             if allowed(name):
-                listed.append({"name": task.name, "method": task.method_name, "num_classes": len(task.labels), "labels": task.labels})
+                entry = {"name": task.name, "method": task.method_name, "num_classes": len(task.labels), "labels": task.labels}
+                if task.reads_text:  # what a request must hold
+                    fewest, most = task.images
+                    entry.update(task=task.kind, reads_text=True, images=fewest if fewest == most else f"{fewest}+")
+                listed.append(entry)
         return {"tasks": listed}
 
     async def answer(upload: UploadFile, served: Task, transform: Callable, k: int, deadline: float) -> tuple[int, Any]:
@@ -320,15 +356,57 @@ def create_app(
         except TimeoutError:
             return 504, f"not served within {config.request_timeout_s:g} s; retry later"
 
+    async def answer_vl(served: Task, file: list[UploadFile], text: str | None, k: int, deadline: float) -> dict[str, Any]:
+        """A vision-language request: every image must decode (else the request fails with the
+        first bad one's status, naming its file), the text is tokenised as in training (longer
+        text is truncated, and the response's ``warnings`` say so); one answer for the request."""
+        fewest, most = served.images
+        what = {"vqa": "the question", "nlvr": "the statement", "retrieval": "the caption"}.get(served.kind, "the text")
+        if text is None or not text.strip():
+            raise HTTPException(400, f"task {served.name!r} ({served.kind}) reads {what} with its image"
+                                     f"{'s' if fewest > 1 else ''}: send it as the form field 'text'")
+        if len(file) < fewest or (most and len(file) > most):
+            count = f"exactly {fewest}" if fewest == most else f"at least {fewest}"
+            raise HTTPException(400, f"task {served.name!r} ({served.kind}) reads {count} image{'s' if fewest > 1 else ''} "
+                                     f"with the text, got {len(file)}: repeat the field 'file' {fewest if fewest == most else 'for each image'}")
+        loop = asyncio.get_running_loop()
+        transform = resize_transform(preprocessing)  # as the vision-language data were read in training
+        pixels = []
+        for upload in file:
+            try:
+                data = await upload.read()
+                pixels.append(await asyncio.wait_for(decoder.decode(data, transform, channels), max(0.0, deadline - loop.time())))
+            except BadImage as error:
+                raise HTTPException(error.status, f"file {(upload.filename or '')[:255]!r}: {error}") from None
+            except TimeoutError:
+                raise HTTPException(504, f"not served within {config.request_timeout_s:g} s; retry later") from None
+        ids, mask, warnings = served.encode_text(text)
+        if served.kind == "nlvr":
+            inputs = {"image0": pixels[0][None], "image1": pixels[1][None]}
+        else:
+            stacked = torch.stack(pixels)
+            inputs = {"image": stacked if served.kind == "vqa" else stacked[None]}  # retrieval: 1, K, C, H, W
+        inputs.update(input_ids=ids, attention_mask=mask)
+        try:
+            predictions = await batcher.submit(_Item(None, served, k, inputs), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise HTTPException(504, f"not served within {config.request_timeout_s:g} s; retry later") from None
+        if served.kind == "retrieval":
+            names = [(upload.filename or "")[:255] for upload in file]
+            predictions = [{**entry, "file": names[entry["image"]]} for entry in predictions]
+        return {"task": served.name, "text": text, "predictions": predictions, "warnings": warnings}
+
     @app.post("/v1/tasks/{task}/predict")
     async def predict(
         task: str = PathParam(..., max_length=64, description="A task name from GET /v1/tasks."),
         file: list[UploadFile] = File(..., description="One or more images (repeat the field); PNG, JPEG, or any format PIL reads."),
         k: int = Query(5, ge=1, le=1000, description="How many top labels to return."),
+        text: str | None = Form(None, max_length=2000, description="Vision-language tasks: the question (VQA), statement (NLVR; two images) or caption (retrieval)."),
     ) -> dict[str, Any]:
         """Classify images with one task's head: one result per image, in order; requests across
         tasks share batches. With one image, its error is the response's; with several, each
-        result holds its predictions or its own status and error."""
+        result holds its predictions or its own status and error. A vision-language task reads
+        the form field ``text`` with its image (NLVR: two images; retrieval: scores each image)."""
         try:
             served = model.task(task) if TASK_NAME.match(task) else None
         except KeyError:
@@ -338,7 +416,22 @@ def create_app(
         most = min(config.max_images, config.max_pending)  # more could never be admitted
         if len(file) > most:
             raise HTTPException(413, f"{len(file)} images in one request, over the limit of {most}: send fewer per request")
+        if text is not None and not served.reads_text:
+            raise HTTPException(400, f"task {task!r} classifies images and reads no text: leave out the form field 'text'")
         deadline = asyncio.get_running_loop().time() + config.request_timeout_s
+        if served.reads_text:
+            try:
+                async with batcher.admit(len(file)):
+                    body = await answer_vl(served, file, text, k, deadline)
+            except Overloaded as error:
+                raise HTTPException(
+                    503, f"server busy: {error}; retry later", headers={"Retry-After": str(config.retry_after_s)}
+                ) from None
+            except HTTPException as error:
+                metrics.images.labels(task, str(error.status_code)).inc(len(file))
+                raise
+            metrics.images.labels(task, "ok").inc(len(file))
+            return body
         try:
             async with batcher.admit(len(file)):
                 # built per request (cheap), so a task removed and added again from another run is not stale
