@@ -237,3 +237,124 @@ def test_bad_specs(tmp_path):
     assert is_diffusion_spec(BUNDLED_SD) and not is_diffusion_spec("vptune_vit_fmnist")
     assert is_diffusion_spec("hf:stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert not is_diffusion_spec("hf:dandelin/vilt-b32-mlm")
+
+
+# ---- pretraining (vptune pretrain --arch sd) on the tiny model ---------------------------------
+
+class Interrupted(Exception):
+    pass
+
+
+def _pretrain(tmp_path, folder, interrupt_at=None, **options):
+    from vptune.diffusion import pretrain_sd
+
+    backbone = tiny_random_backbone(0, init=honest_)
+    calls = []
+    real_loss = pretrain_sd.denoising_loss
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if interrupt_at is not None and len(calls) == interrupt_at + 1:
+            raise Interrupted
+        return real_loss(*args, **kwargs)
+
+    pretrain_sd.denoising_loss = loss
+    try:
+        ema, record = pretrain_sd.pretrain_unet(
+            backbone, checkpoint_path=tmp_path / folder / "ckpt.pt", steps=2, batch_size=3, warmup_steps=1,
+            checkpoint_every=1, log_every=1, **options)
+    finally:
+        pretrain_sd.denoising_loss = real_loss
+    return backbone, ema, record
+
+
+def test_pretrain_resume_equals_uninterrupted(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    start = tiny_random_backbone(0, init=honest_).unet.state_dict()
+    whole, whole_ema, record = _pretrain(tmp_path, "a")
+    assert record["start"] == 0 and [step for step, _ in record["history"]] == [1, 2]
+    with pytest.raises(Interrupted):
+        _pretrain(tmp_path, "b", interrupt_at=1)  # killed during step 2, after step 1's checkpoint
+    resumed, resumed_ema, again = _pretrain(tmp_path, "b")
+    assert again["start"] == 1 and again["history"] == record["history"]
+    for key, value in whole.unet.state_dict().items():
+        torch.testing.assert_close(resumed.unet.state_dict()[key], value, rtol=0, atol=0)
+        torch.testing.assert_close(resumed_ema.state_dict()[key], whole_ema.state_dict()[key], rtol=0, atol=0)
+    changed = [key for key, value in whole.unet.state_dict().items() if not torch.equal(value, start[key])]
+    assert len(changed) == len(start)  # every UNet tensor was trained
+    assert all(not p.requires_grad for p in whole.text_encoder.parameters())  # the text encoder stayed frozen
+    # another recipe does not resume from this checkpoint
+    _, _, other = _pretrain(tmp_path, "b", lr=5e-4)
+    assert other["start"] == 0
+
+
+def test_pretrain_nan_loss_names_the_checkpoint(tmp_path, monkeypatch):
+    from vptune.diffusion import pretrain_sd
+
+    monkeypatch.setattr(pretrain_sd, "denoising_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    with pytest.raises(FloatingPointError, match="loss became nan at step 0.*ckpt.pt"):
+        pretrain_sd.pretrain_unet(tiny_random_backbone(0), checkpoint_path=tmp_path / "ckpt.pt", steps=2, batch_size=2)
+
+
+def test_canvas_batch_caption_dropout():
+    from vptune.diffusion.pretrain_sd import canvas_batch
+
+    images, captions = canvas_batch(np.random.default_rng(0), 40, 8, caption_dropout=0.5)
+    assert images.shape == (40, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
+    dropped = sum(text == "" for text in captions)
+    assert 8 <= dropped <= 32
+    _, none = canvas_batch(np.random.default_rng(0), 40, 8, caption_dropout=0.0)
+    assert all(none)
+
+
+def test_held_out_subject(tmp_path):
+    from vptune.data.scenes import POOLS
+    from vptune.diffusion.subjects import subject_images, subject_index, write_subject_folder
+
+    subject = subject_images(kind=8, count=4, seed=3)
+    split, low, high = POOLS["test"]
+    assert split == "test" and low <= subject.index < high  # Fashion-MNIST test split: never pretrained on
+    assert subject.images.shape == (4, 32, 32) and subject.images.dtype == np.uint8
+    assert all(len(s.items) == 1 and s.items[0].kind == 8 and s.items[0].rotation == 0 for s in subject.scenes)
+    assert len({(s.items[0].place, s.items[0].size) for s in subject.scenes}) > 1  # varied places / sizes
+    assert subject_index(8, 1) != subject.index
+    paths = write_subject_folder(tmp_path / "subject", kind=8, count=3)
+    assert [p.name for p in paths] == ["subject_0.png", "subject_1.png", "subject_2.png"]
+    assert json.loads((tmp_path / "subject" / "subject.json").read_text())["index"] == subject.index
+    with pytest.raises(ValueError, match="kind must be 0..9"):
+        subject_index(10)
+
+
+# ---- the bundled model and vptune generate --------------------------------------------------
+
+needs_bundled = pytest.mark.skipif(not bb.bundled_sd_weights_path().is_file(),
+                                   reason="the bundled text-to-image model is not created yet (vptune pretrain --arch sd)")
+
+
+@needs_bundled
+def test_bundled_model_loads_frozen():
+    pytest.importorskip("open_clip")
+    model = load_diffusion_backbone(BUNDLED_SD)
+    assert all(not p.requires_grad for m in model.modules().values() for p in m.parameters())
+    assert model.describe()["text_states"] == [48, 128] and model.describe()["latent"] == [1, 32]
+    assert model.encode_prompt(["a photo of sks bag"]).shape == (1, 48, 128)
+
+
+@needs_bundled
+def test_generate_command_writes_a_grid(tmp_path):
+    pytest.importorskip("open_clip")
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vptune.cli import app
+
+    out = tmp_path / "grid.png"
+    result = CliRunner().invoke(app, ["generate", "--prompt", "a large bag at the center", "--prompt", "a photo of sks bag",
+                                      "--num-images", "2", "--steps", "2", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "4 images of 32x32" in result.output
+    assert Image.open(out).size == (2 * (128 + 2) + 2, 2 * (128 + 2 + 14) + 2)
+    bad = CliRunner().invoke(app, ["generate", "--prompt", "x", "--backbone", "hf:stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                   "--out", str(out)])
+    assert bad.exit_code == 1 and "pass --pretrained" in bad.output

@@ -475,24 +475,37 @@ def fewshot(
 @user_errors
 def pretrain(
     out: Optional[Path] = typer.Option(None, help="Folder for the weights and model card (default: the package's)."),
-    arch: str = typer.Option("vit", help="vit: the bundled ViT on Fashion-MNIST; swin: the bundled Swin on Fashion-MNIST; clip: the bundled CLIP on captioned canvases; vilt: the bundled ViLT on captioned canvases (ITM + MLM)."),
+    arch: str = typer.Option("vit", help="vit: the bundled ViT on Fashion-MNIST; swin: the bundled Swin on Fashion-MNIST; clip: the bundled CLIP on captioned canvases; vilt: the bundled ViLT on captioned canvases (ITM + MLM); sd: the bundled text-to-image model on captioned canvases."),
     epochs: int = typer.Option(2, help="Passes over the 60,000 Fashion-MNIST training images (vit, swin)."),
-    steps: Optional[int] = typer.Option(None, help="Steps (clip: contrastive, 300; vilt: ITM + MLM, 400)."),
-    batch_size: Optional[int] = typer.Option(None, help="Batch (128; vilt 64 pairs)."),
-    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (vit 1e-3; clip: text side 2e-3; vilt: new tensors 1e-3)."),
+    steps: Optional[int] = typer.Option(None, help="Steps (clip: contrastive, 300; vilt: ITM + MLM, 400; sd: denoising, 1000)."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch (128; vilt 64 pairs; sd 32 canvases)."),
+    lr: Optional[float] = typer.Option(None, help="Peak AdamW learning rate (vit 1e-3; clip: text side 2e-3; vilt: new tensors 1e-3; sd 1e-3)."),
     image_lr: Optional[float] = typer.Option(None, help="Peak learning rate of the unlocked image blocks (clip, 2e-4) or of the tensors started from the ViT (vilt, 3e-4)."),
     unlocked_blocks: int = typer.Option(2, help="Last image blocks tuned; the others stay locked (clip)."),
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay (0.05; vilt 0.01)."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (vit 200, clip 30, vilt 50)."),
+    warmup_steps: Optional[int] = typer.Option(None, help="Warm-up steps (vit 200, clip 30, vilt 50, sd 50)."),
     label_smoothing: float = typer.Option(0.1),
     seed: int = typer.Option(0),
     threads: int = typer.Option(2, help="CPU threads."),
     work_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the cache); a rerun resumes there."),
+    docs: Optional[Path] = typer.Option(None, help="Folder for the sample grid and loss curve PNGs (sd; default: --out)."),
 ) -> None:
     """Pretrain a bundled model (vptune_vit_fmnist; vptune_swin_fmnist with --arch swin; vptune_clip_fmnist with --arch clip;
-    vptune_vilt_fmnist with --arch vilt) and write its weights and model card."""
+    vptune_vilt_fmnist with --arch vilt; vptune_sd_fmnist with --arch sd) and write its weights and model card."""
     from vptune.backbones.bundled import bundled_weights_path
 
+    if arch == "sd":
+        require("diffusion", "diffusers", purpose="vptune pretrain --arch sd")
+        from vptune.diffusion.pretrain_sd import pretrain_sd
+
+        figures = pretrain_sd(
+            out or bundled_weights_path().parent, docs=docs, steps=steps or 1000, batch_size=batch_size or 32, lr=lr or 1e-3,
+            weight_decay=0.05 if weight_decay is None else weight_decay, warmup_steps=50 if warmup_steps is None else warmup_steps,
+            seed=seed, threads=threads, work_dir=work_dir,
+        )
+        console.print("samples vs captions (generated / real / chance %): " + ", ".join(
+            f"{k} {c['generated']:.1f}/{c['real']:.1f}/{c['chance']:.1f}" for k, c in figures["checks"].items()))
+        return
     if arch == "vilt":
         from vptune.backbones.pretrain_vilt import pretrain_vilt
 
@@ -516,7 +529,7 @@ def pretrain(
         console.print("zero-shot top-1: " + ", ".join(f"{k} {v:.1f}%" for k, v in figures["zero_shot"].items()))
         return
     if arch not in ("vit", "swin"):
-        raise ValueError(f"--arch must be vit, swin, clip or vilt, got {arch!r}")
+        raise ValueError(f"--arch must be vit, swin, clip, vilt or sd, got {arch!r}")
     from vptune.backbones.pretrain import pretrain as run_pretrain
 
     results = run_pretrain(

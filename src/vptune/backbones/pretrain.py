@@ -91,20 +91,31 @@ def train_steps(
     checkpoint_every: int = 20,
     log_every: int = 10,
     batch_size: int = 1,
+    after_step: Callable[[], None] | None = None,
+    extra: dict[str, nn.Module] | None = None,
+    history: list[list[float]] | None = None,
 ) -> tuple[int, float]:
-    """The step loop of the bundled models pretrained on batches drawn per step (CLIP, ViLT).
+    """The step loop of the bundled models pretrained on batches drawn per step (CLIP, ViLT, the
+    text-to-image model).
 
     ``loss_at(step)`` draws the step's batch (the same on resume) and returns the loss and
     figures to log (averaged over ``log_every`` steps). Each parameter group's lr follows
-    ``lr_at`` to its own ``peak``. A checkpoint (model, optimizer, step, time, ``recipe``) is
-    written every ``checkpoint_every`` steps; one with the same recipe is resumed, one with
-    another is ignored. Returns (the step it started from, training seconds over all sessions)."""
-    start, elapsed = 0, 0.0
+    ``lr_at`` to its own ``peak``. ``after_step`` runs after each optimiser step (an EMA
+    update). A checkpoint (model, optimizer, step, time, ``recipe``, the ``extra`` modules'
+    states, ``history``) is written every ``checkpoint_every`` steps; one with the same recipe
+    is resumed, one with another is ignored. ``history``, when given, collects [step, mean loss]
+    per log window across sessions (a loss curve). Returns (the step it started from, training
+    seconds over all sessions)."""
+    start, elapsed, extra = 0, 0.0, extra or {}
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if state["recipe"] == recipe:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
+            for key, module in extra.items():
+                module.load_state_dict(state[key])
+            if history is not None:
+                history[:] = state.get("history", [])
             start, elapsed = state["step"], state["elapsed"]
             print(f"resuming after step {start} from {checkpoint_path}", flush=True)
         else:
@@ -120,6 +131,8 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         seen += 1
         for key, value in {"loss": loss.item(), **figures}.items():
             sums[key] = sums.get(key, 0.0) + value
@@ -127,11 +140,15 @@ def train_steps(
             t = time.perf_counter()
             shown = " ".join(f"{key} {value / seen:.4f}" for key, value in sums.items())
             print(f"step {step + 1}/{steps} {shown} {seen * batch_size / (t - window):.1f} pairs/s", flush=True)
+            if history is not None:
+                history.append([step + 1, sums["loss"] / seen])
             elapsed += t - window
             window, sums, seen = t, {}, 0
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
-                          "elapsed": elapsed + time.perf_counter() - window, "recipe": recipe}, checkpoint_path)
+                          "elapsed": elapsed + time.perf_counter() - window, "recipe": recipe,
+                          "history": history or [], **{key: module.state_dict() for key, module in extra.items()}},
+                         checkpoint_path)
     return start, elapsed + time.perf_counter() - window
 
 

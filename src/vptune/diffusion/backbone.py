@@ -30,10 +30,10 @@ FAMILY = "diffusers-unet"
 # CLIP's text states (width 128, 48 tokens). Down blocks at 32, 16 and 8 px; attention at 16 and 8.
 BUNDLED_UNET = dict(
     sample_size=32, in_channels=1, out_channels=1, layers_per_block=1,
-    block_out_channels=(32, 64, 128),
+    block_out_channels=(16, 32, 64),
     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    cross_attention_dim=128, attention_head_dim=32, norm_num_groups=8,
+    cross_attention_dim=128, attention_head_dim=16, norm_num_groups=8,
 )
 BUNDLED_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
                          clip_sample=True, clip_sample_range=1.0)
