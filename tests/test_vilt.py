@@ -173,6 +173,41 @@ def test_apt_is_the_official_module_after_the_output_projection(mode):
         torch.testing.assert_close(model.encode(inputs), family.pooled_features(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("own", [None, 0.25])
+def test_apt_drops_out_a_as_the_official_module(own):
+    """The official module drops out A with its block's attention-dropout probability while
+    training and takes w after the dropout: by default vptune's APT follows the site's own
+    attention dropout (ViLT's config), ``dropout`` sets another, and evaluation has none."""
+    backbone = tiny_vilt(attention_dropout=0.4)
+    model = PromptModel(backbone, vptune.config_for("apt", num_prompts=7, rank=3, dropout=own), task=VQATask(["a"]))
+    method = model.method
+    assert method.dropouts == [0.4 if own is None else own] * 3
+    with torch.no_grad():
+        method.up.normal_(0, 0.1)
+        method.log_scale.uniform_(-0.3, 0.3)
+    apt = ApproximatePrompt(4, D, 3, 7, attn_drop=0.4 if own is None else own)
+    with torch.no_grad():
+        apt.mm_tokens.copy_(method.prompt_embeddings[1])
+        apt.mm[0].weight.copy_(method.down[1].T)
+        apt.mm[1].weight.copy_(method.up[1].T)
+        apt.scale.copy_(method.log_scale[1].reshape(1))
+    g = torch.Generator().manual_seed(4)
+    u, a = torch.randn(2, 5, D, generator=g), torch.randn(2, 5, D, generator=g)
+    for training in (True, False):
+        method.train(training), apt.train(training)
+        torch.manual_seed(12)
+        ours = method.approximate(1, u, a)
+        torch.manual_seed(12)
+        torch.testing.assert_close(ours, apt(a.clone(), u), atol=1e-5, rtol=1e-5)
+    method.train()
+    torch.manual_seed(12)
+    dropped = method.approximate(1, u, a)
+    method.eval()
+    assert not torch.allclose(dropped, method.approximate(1, u, a))  # the dropout is real, and off in evaluation
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+        vptune.config_for("apt", dropout=1.0)
+
+
 def test_apt_paper_size_and_its_trained_set(vilt):
     model = PromptModel(vilt, vptune.config_for("apt", num_prompts=200, rank=4), task=VQATask(["yes", "no"]))
     tuned = model.tuned_parameters()

@@ -44,6 +44,7 @@ class AttentionSite:
     head_dim: int
     kind: str = "self"
     context_width: int | None = None  # cross-attention only: width of the tokens keys/values come from
+    attention_dropout: float = 0.0  # the attention's own dropout probability (a method may follow it: APT on ViLT)
 
     @property
     def kv_width(self) -> int:

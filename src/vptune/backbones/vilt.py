@@ -112,7 +112,8 @@ class ViltFamily(SequenceFamily):
     @property
     def sites(self) -> list[AttentionSite]:
         return [AttentionSite(self.config.hidden_size, self.config.num_attention_heads,
-                              self.config.hidden_size // self.config.num_attention_heads) for _ in self.blocks]
+                              self.config.hidden_size // self.config.num_attention_heads,
+                              attention_dropout=self.config.attention_probs_dropout_prob) for _ in self.blocks]
 
     @property
     def num_features(self) -> int:

@@ -9,8 +9,9 @@ output after the output projection (the official code's formulation):
 
     P_hat = P + (P W1) W2          # low-rank update, identity at init (W2 = 0)
     A     = ReLU(u P_hat^T)        # n x p; no 1/sqrt(d), no heads, no softmax
+    A     = dropout(A)             # while training; p: the site's attention dropout (official), or ``dropout``
     E     = A P
-    w     = max_j A[:, j]          # detached
+    w     = max_j A[:, j]          # detached, after the dropout
     out   = (a + w * E) * exp(s)
 """
 
@@ -34,10 +35,15 @@ class APTConfig(MethodConfig):
     # The scale s is trained (the official ViLT code) or stays 0 (the official METER code, which
     # leaves it out of the trained tensors; docs/methods.md).
     train_scale: bool = True
+    # Dropout on A while training. None: the attention-dropout probability of the site it sits in,
+    # as the official module (which gets its block's attn_drop); 0 turns it off (docs/methods.md).
+    dropout: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1 or self.rank < 1:
             raise ValueError(f"num_prompts and rank must be >= 1, got {self.num_prompts} and {self.rank}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1) or None (the attention's own), got {self.dropout}")
 
     def method_name(self) -> str:
         return "apt"
@@ -51,6 +57,7 @@ class APT(Method):
         super().__init__()
         widths, p, r = [site.width for site in family.sites], config.num_prompts, config.rank
         self.config = config
+        self.dropouts = [site.attention_dropout if config.dropout is None else config.dropout for site in family.sites]
         # Per site of width d (stacked into one (L, ...) tensor each when all sites have one width).
         self.add_site_parameters("prompt_embeddings", [(p, d) for d in widths], lambda s: torch.randn(s) * 0.02)  # P
         self.add_site_parameters("down", [(d, r) for d in widths], torch.randn)  # W1
@@ -67,6 +74,8 @@ class APT(Method):
         prompts = self.site_parameter("prompt_embeddings", index)  # p, d
         adapted = prompts + (prompts @ self.site_parameter("down", index)) @ self.site_parameter("up", index)  # P_hat
         scores = F.relu(u @ adapted.transpose(0, 1))  # A: B, N, p
+        if self.dropouts[index]:
+            scores = F.dropout(scores, self.dropouts[index], self.training)
         extra = scores @ prompts  # E: B, N, d
         weight = scores.amax(dim=-1, keepdim=True).detach()  # w: B, N, 1
         return (a + weight * extra) * self.site_parameter("log_scale", index).exp()
