@@ -999,7 +999,7 @@ def print_data_report(report: Any, title: str) -> None:
 @user_errors
 def data_vtab1k(
     out: Path = typer.Option(..., help="VTAB-1k root: one folder per task (vtab1k:ROOT/TASK). Rerun to verify or resume."),
-    source: Optional[Path] = typer.Option(None, help="A VTAB-1k list-file tree you downloaded: folder, .zip or .tar(.gz). Default: the Hugging Face hub copy."),
+    source: Optional[str] = typer.Option(None, help="A VTAB-1k list-file tree you downloaded: folder, .zip or .tar(.gz); or tfds:DATA_DIR, the TensorFlow Datasets you prepared for the official VTAB code (needs vptune[tfds]). Default: the Hugging Face hub copy."),
     tasks: Optional[str] = typer.Option(None, help="Comma-separated task folders (default: all 19)."),
     hub_repo: str = typer.Option("XiN0919/VTAB-1k", help="Hub dataset holding vtab-1k.zip (without --source)."),
 ) -> None:

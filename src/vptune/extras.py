@@ -23,6 +23,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "vl": {"transformers": "transformers"},
     "clip": {"open_clip": "open_clip_torch"},
     "diffusion": {"diffusers": "diffusers", "transformers": "transformers"},
+    "tfds": {"tensorflow_datasets": "tensorflow-datasets"},
 }
 
 

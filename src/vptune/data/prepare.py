@@ -288,11 +288,12 @@ def build_vtab_task(tree: Tree, prefix: str, name: str, out: Path, progress: Pro
 
 
 def build_vtab1k(
-    out: Path, source: Path | None = None, *, tasks: Iterable[str] | None = None, hub_repo: str = VTAB_HUB_REPO,
+    out: Path, source: Path | str | None = None, *, tasks: Iterable[str] | None = None, hub_repo: str = VTAB_HUB_REPO,
     progress: Progress | None = None,
 ) -> Report:
     """Build (or verify, on a rerun) the VTAB-1k tasks under ``out`` from ``source`` (a list-file tree
-    as a folder or archive), or, without a source, from the hub copy (``hub_repo``)."""
+    as a folder or archive, or ``tfds:DATA_DIR``: prepared TensorFlow Datasets), or, without a source,
+    from the hub copy (``hub_repo``)."""
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     progress = progress or (lambda description, total: lambda: None)
@@ -300,7 +301,10 @@ def build_vtab1k(
     wanted = list(tasks) if tasks else list(VTAB_TASKS)
     report = Report(out)
     todo = [name for name in wanted if not _verified(out, name, manifest, report)]
-    if todo:
+    tfds_dir = Path(str(source)[len("tfds:"):]).expanduser() if str(source or "").startswith("tfds:") else None
+    if todo and tfds_dir is not None:
+        build_vtab1k_from_tfds(tfds_dir, todo, out, manifest, report, progress)
+    elif todo:
         archive = Path(source).expanduser() if source is not None else hub_download(hub_repo, VTAB_HUB_FILE)
         with Tree(archive) as tree:
             found = find_vtab_tasks(tree)
@@ -330,10 +334,90 @@ def build_vtab1k(
         if info is not None and counts is not None and counts["test"] != info.test:
             report.notes.append(f"{name}: test.txt lists {counts['test']} images; the VTAB-1k release has {info.test}")
     missing = [n for n, s in report.status.items() if s == "missing"]
-    if missing:
+    if missing and tfds_dir is not None:
+        from .tfds_source import VTAB_TFDS
+
+        report.notes.append(f"not in {tfds_dir}: {', '.join(missing)} (the TFDS datasets they are built from: "
+                            f"{', '.join(sorted({VTAB_TFDS[n].dataset for n in missing if n in VTAB_TFDS}))})")
+    elif missing:
         report.notes.append(f"not in the source: {', '.join(missing)} (a VTAB-1k task folder holds train800.txt, "
                             f"val200.txt, train800val200.txt, test.txt and the images they list)")
     return report
+
+
+def build_vtab1k_from_tfds(data_dir: Path, todo: list[str], out: Path, manifest: dict[str, Any], report: Report,
+                           progress: Progress) -> None:
+    """Build ``todo`` from the TFDS datasets prepared under ``data_dir`` (``--source tfds:DATA_DIR``),
+    with the official code's slices and labels (``tfds_source``)."""
+    from .tfds_source import VTAB_TFDS, TfdsReader, find_version, import_tfds
+
+    if not data_dir.is_dir():
+        raise DataError(f"--source tfds:{data_dir}: no such folder; expected the data_dir the TFDS datasets were "
+                        "prepared in (one folder per dataset: cifar100/, dtd/, ...)")
+    readers: dict[Path, Any] = {}
+    for name in todo:
+        task = VTAB_TFDS.get(name)
+        if task is None or not (data_dir / task.dataset).is_dir():
+            report.status[name] = "missing"
+            continue
+        try:
+            import_tfds()
+            folder = find_version(data_dir, task)
+            if folder not in readers:
+                readers[folder] = TfdsReader(folder)
+            entry = build_vtab_task_from_tfds(readers[folder], name, out, progress)
+        except DataError as err:
+            report.status[name], report.problems[name] = "failed", [str(err)]
+            continue
+        manifest["tasks"][name] = entry
+        write_manifest(out, manifest)
+        report.status[name], report.counts[name] = "built", entry["counts"]
+
+
+def build_vtab_task_from_tfds(reader: Any, name: str, out: Path, progress: Progress) -> dict[str, Any]:
+    """Write one task's images (as TFDS stored them; converted where the official code converts) and its
+    four lists from a prepared TFDS dataset; its manifest entry. Images already written are kept."""
+    from .tfds_source import VTAB_TFDS, image_bytes, task_slices
+
+    task, info, where = VTAB_TFDS[name], VTAB_TASKS[name], str(reader.folder)
+    if task.attribute not in reader.info.features:
+        raise DataError(f"{where}: has features {', '.join(sorted(reader.info.features))}; the official {name} task "
+                        f"reads {task.attribute!r}")
+    slices = task_slices(task, reader.sizes(), where)
+    folder = out / name
+    advance = progress(f"{name}: images", sum(end - first for pieces in slices.values() for _, first, end in pieces))
+    lists: dict[str, list[tuple[str, int]]] = {}
+    for list_name, pieces in slices.items():
+        entries = []
+        for piece in pieces:
+            split, first, end = piece
+            for offset, example in enumerate(reader.examples(piece, raw_image=task.image is None)):
+                index = first + offset
+                label = int(example["label"]) if task.label is None else task.label(example, reader.info)
+                if not 0 <= label < info.num_classes:
+                    raise DataError(f"{where}: {split}[{index}] has label {label}; {name} has {info.num_classes} "
+                                    f"classes (0..{info.num_classes - 1})")
+                data, extension = image_bytes(example, task)
+                rel = f"{split}/{index:06d}.{extension}"
+                dest = folder / rel
+                if not (dest.is_file() and dest.stat().st_size == len(data)):
+                    atomic_write(dest, data)
+                entries.append((rel, label))
+                advance()
+            if len(entries) < end - first:
+                raise DataError(f"{where}: {split}[{first}:{end}] gave {len(entries)} examples, expected {end - first}")
+        lists[f"{list_name}.txt"] = entries
+    lists["train800val200.txt"] = lists["train800.txt"] + lists["val200.txt"]
+    digests = {}
+    for list_name in (*VTAB_LISTS, VTAB_TEST):  # the lists last: a task with lists is a task with its images
+        atomic_write(folder / list_name, "".join(f"{image} {label}\n" for image, label in lists[list_name]))
+        digests[list_name] = sha256(folder / list_name)
+    return {
+        "source": f"tfds:{reader.folder} ({reader.file_format})", "sha256": digests, "image_root": "",
+        "counts": {list_name.removesuffix(".txt"): len(lists[list_name]) for list_name in (*VTAB_LISTS, VTAB_TEST)},
+        "tfds": {"dataset": task.dataset, "version": reader.folder.name,
+                 "slices": {k: "+".join(f"{s}[{a}:{b}]" for s, a, b in v) for k, v in slices.items()}},
+    }
 
 
 def _verified(out: Path, name: str, manifest: dict[str, Any], report: Report) -> bool:
