@@ -254,9 +254,11 @@ class PromptModel(nn.Module):
         return model.to(next(backbone.parameters()).device)
 
 
-def _outputs(head: nn.Module) -> int:
-    """The width of a head's last Linear layer (its outputs per input)."""
-    return [m for m in head.modules() if isinstance(m, nn.Linear)][-1].out_features
+def _outputs(head: nn.Module) -> int | None:
+    """The width of a head's last Linear layer (its outputs per input); None for a head without
+    one (generation's: the denoising error itself)."""
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
 
 
 def task_from_dict(data: dict[str, Any] | None) -> Task | None:

@@ -65,7 +65,7 @@ def family_of(model: nn.Module) -> "Family":
     """The family that walks ``model``; a model of no known family is refused with the list."""
     if isinstance(model, Family):
         return model
-    from . import beit, eva, meter, openclip, swin, vilt, vit  # noqa: F401  (each registers its family)
+    from . import beit, eva, meter, openclip, swin, unet, vilt, vit  # noqa: F401  (each registers its family)
 
     for cls in FAMILIES:
         if cls.accepts(model):

@@ -134,6 +134,11 @@ class Method(nn.Module):
         """A function ``(u, a) -> a'`` rewriting block ``index``'s attention output."""
         return None
 
+    def token_embeddings(self, token_ids: Tensor, embeddings: Tensor) -> Tensor | None:
+        """The word embeddings (B, L, w) of ``token_ids`` a text encoder reads, rewritten by the
+        method (textual inversion's learned word); None leaves them as they are."""
+        return None
+
     def token_offset(self, index: int) -> Tensor | None:
         """A tensor (1, N, d) added to every token before block ``index`` (VPT's "add" location)."""
         return None

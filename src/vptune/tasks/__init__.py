@@ -14,11 +14,13 @@ to select on.
 
 from .base import Task
 from .classification import ClassificationTask
+from .generation import GenerationTask
 from .nlvr import NLVRHead, NLVRTask
 from .retrieval import RetrievalTask, retrieval_recalls
 from .vqa import VQATask, vqa_score
 
-TASKS = {"classification": ClassificationTask, "vqa": VQATask, "nlvr": NLVRTask, "retrieval": RetrievalTask}
+TASKS = {"classification": ClassificationTask, "vqa": VQATask, "nlvr": NLVRTask, "retrieval": RetrievalTask,
+         "generation": GenerationTask}
 
-__all__ = ["ClassificationTask", "NLVRHead", "NLVRTask", "RetrievalTask", "TASKS", "Task", "VQATask",
+__all__ = ["ClassificationTask", "GenerationTask", "NLVRHead", "NLVRTask", "RetrievalTask", "TASKS", "Task", "VQATask",
            "retrieval_recalls", "vqa_score"]
