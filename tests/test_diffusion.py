@@ -391,3 +391,23 @@ def test_fidelity_metrics(backbone):
     b = torch.nn.functional.normalize(torch.randn(2, 5), dim=-1)
     assert subject_fidelity(a, b) == pytest.approx(sum(float(x @ y) for x in a for y in b) / 6, abs=1e-6)
     assert subject_fidelity(a, a[:1]) < 1 and prompt_fidelity(a, a) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_command_line_refuses_bad_subject_runs(subject, tmp_path):
+    from typer.testing import CliRunner
+
+    from vptune.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    base = ["train", "--method", "apt", "--data", f"subject:{subject}", "--out", str(out)]
+    result = runner.invoke(app, base)
+    assert result.exit_code == 1 and "needs --prompt" in result.output
+    result = runner.invoke(app, base + ["--prompt", "a photo of a bag"])
+    assert result.exit_code == 1 and "does not contain the identifier 'sks'" in result.output
+    assert not out.exists()
+    classification = tmp_path / "classification"
+    classification.mkdir()
+    (classification / "config.json").write_text(json.dumps({"method_config": {"method": "linear"}, "num_classes": 2, "backbone": {}}))
+    result = runner.invoke(app, ["generate", "--run", str(classification), "--prompt", PROMPT])
+    assert result.exit_code == 1 and "is not a generation run" in result.output

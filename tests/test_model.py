@@ -45,8 +45,9 @@ def trained(backbone, config) -> vptune.PromptModel:
 
 
 def test_methods_cover_every_method():
-    # coop is text-side only (a CLIP backbone's text tower): tests/test_clip_heads.py covers it
-    assert {c.method_name() for c in METHODS} == set(vptune.METHOD_NAMES) - {"coop"}
+    # coop and textual-inversion are text-side only (a CLIP text tower, a text-to-image model's
+    # text encoder): tests/test_clip_heads.py and tests/test_diffusion.py cover them
+    assert {c.method_name() for c in METHODS} == set(vptune.METHOD_NAMES) - {"coop", "textual-inversion"}
 
 
 @pytest.mark.parametrize("config", METHODS, ids=lambda c: c.method_name())

@@ -111,10 +111,10 @@ def test_retrieval_task_keys_loss_and_itm_head():
 
 
 def test_registry_and_fields():
-    assert set(TASKS) == {"classification", "vqa", "nlvr", "retrieval"}
+    assert set(TASKS) == {"classification", "vqa", "nlvr", "retrieval", "generation"}
     assert VQATask(["a"]).fields == ("image", "input_ids", "attention_mask", "vqa_targets")
     assert NLVRTask.fields == ("image0", "image1", "input_ids", "attention_mask", "label")
-    assert {cls.main_metric for cls in TASKS.values()} == {"top1", "vqa_score", "r1_mean"}
+    assert {cls.main_metric for cls in TASKS.values()} == {"top1", "vqa_score", "r1_mean", "loss"}
 
 
 def test_score_matrix_scores_every_caption_against_every_image():

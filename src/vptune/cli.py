@@ -136,8 +136,16 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     tracker: str = typer.Option("none", help="Also log to: none, tensorboard (event files in RUN/tensorboard) or mlflow."),
     tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI (default: an SQLite store, OUT/mlflow.db)."),
+    prompt: Optional[str] = typer.Option(None, help="--data subject:DIR: the instance prompt naming the subject, e.g. 'a photo of sks bag'."),
+    identifier: str = typer.Option("sks", help="--data subject:DIR: the rare word the subject is bound to (textual inversion learns it)."),
+    class_prompt: Optional[str] = typer.Option(None, help="--data subject:DIR: prompt of the class-prior images (default: --prompt without the identifier)."),
+    class_images: int = typer.Option(0, help="--data subject:DIR: class-prior images the frozen model makes (0: no prior preservation)."),
+    prior_weight: float = typer.Option(1.0, help="--data subject:DIR: weight of the class-prior images' loss."),
+    repeats: int = typer.Option(25, help="--data subject:DIR: visits of each image per epoch."),
+    sites: Optional[str] = typer.Option(None, help="Text-to-image backbones: the UNet attention a method acts on: self, cross or both "
+                                        "(default: cross for apt and prompts, both otherwise)."),
 ) -> None:
-    """Tune a method on a dataset and write the run folder."""
+    """Tune a method on a dataset and write the run folder (a subject-driven generation run with --data subject:DIR)."""
     from vptune.train import TrainConfig, train_run
     from vptune.train.distributed import process_group_from_env
 
@@ -154,6 +162,11 @@ def train(
         eval_every=eval_every, num_workers=num_workers, skip_bad_images=skip_bad_images, device=device,
         tracker=tracker, tracking_uri=tracking_uri,
     )
+    if data.startswith("subject:"):
+        train_subject(backbone, method, options, data, out, cfg, prompt=prompt, identifier=identifier, class_prompt=class_prompt,
+                      class_images=class_images, prior_weight=prior_weight, repeats=repeats, sites=sites, weights=weights,
+                      pretrained=pretrained, resume=resume, overwrite=overwrite)
+        return
     try:
         with process_group_from_env(cfg.torch_device()) as main:  # DistributedDataParallel under torchrun
             metrics = train_run(
@@ -178,11 +191,37 @@ def train(
     console.print(f"run folder: {safe(str(out))}")
 
 
+def train_subject(backbone: str, method: str, options: dict[str, Any], data: str, out: Path, cfg: Any, *,
+                  prompt: Optional[str], **settings: Any) -> None:
+    """``vptune train --data subject:DIR``: a subject-driven generation run on a text-to-image backbone."""
+    from vptune.diffusion.backbone import BUNDLED_SD
+    from vptune.diffusion.train import train_generation_run
+
+    if prompt is None:
+        raise ValueError("--data subject:DIR needs --prompt, the instance prompt naming the subject (e.g. 'a photo of sks bag')")
+    if backbone == BUNDLED:  # the default image backbone: the bundled text-to-image model instead
+        backbone = BUNDLED_SD
+    try:
+        metrics = train_generation_run(backbone, method, options, data, out, cfg, prompt=prompt, **settings)
+    except KeyboardInterrupt:
+        err_console.print(f"[bold red]interrupted:[/] the last checkpoint in {safe(str(out))} is kept; "
+                          "run the same command with --resume to continue", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    table = Table(title=f"{safe(method)} on {safe(data)} ({safe(prompt)})", show_header=False)
+    for key in ("train_loss", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s", "images_per_s", "sites"):
+        value = metrics.get(key)
+        table.add_row(key, "-" if value is None else f"{value:.4g}" if isinstance(value, float) else safe(str(value)))
+    console.print(table)
+    for note in metrics.get("subject_notes", []):
+        console.print(f"note: {safe(note)}")
+    console.print(f"run folder: {safe(str(out))}")
+
+
 @app.command("eval")
 @user_errors
 def eval_(
     run: Path = typer.Option(..., help="Run folder written by vptune train."),
-    data: str = typer.Option(..., help="Data SPEC with the run's classes."),
+    data: Optional[str] = typer.Option(None, help="Data SPEC with the run's classes (a generation run: its subject:DIR by default)."),
     split: str = typer.Option("test", help="test, val or train."),
     backbone: Optional[str] = typer.Option(None, help="Backbone SPEC (default: the one the run recorded)."),
     weights: Optional[Path] = typer.Option(None, help="Local backbone weights (default: the ones the run recorded)."),
@@ -193,9 +232,23 @@ def eval_(
     allow_sparse_labels: bool = typer.Option(
         False, "--allow-sparse-labels", help="Accept list labels that leave most of 0..max unused (else a typo)."
     ),
+    dino: Optional[str] = typer.Option(None, help="Generation runs: the DINO-style image encoder (a timm name; default vptune_vit_fmnist)."),
+    clip: Optional[str] = typer.Option(None, help="Generation runs: the CLIP (open_clip:NAME/TAG; default vptune_clip_fmnist)."),
+    pretrained: bool = typer.Option(False, "--pretrained", help="Generation runs: download the encoders' weights (needs internet)."),
+    num_images: int = typer.Option(4, help="Generation runs: images per evaluation prompt."),
+    steps: int = typer.Option(25, help="Generation runs: denoising steps."),
+    seed: int = typer.Option(0, help="Generation runs: image k of a prompt starts from the noise of seed + k."),
+    grid: Optional[Path] = typer.Option(None, help="Generation runs: also write the generated images as a PNG grid."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Generation runs: also write the metrics as JSON."),
 ) -> None:
-    """Top-1 accuracy of a run folder on one split of a dataset."""
+    """Top-1 accuracy of a run folder on one split of a dataset; subject and prompt fidelity of a generation run."""
     from vptune.train import evaluate_run, load_run
+
+    if generation_run(run):
+        evaluate_generation_cli(run, data, backbone, weights, dino, clip, pretrained, num_images, steps, seed, grid, json_out, device)
+        return
+    if data is None:
+        raise ValueError("--data is needed: the data SPEC with the run's classes")
 
     model = load_run(run, backbone, weights=weights)
     result = evaluate_run(model, data, split, batch_size=batch_size, device=device, skip_bad_images=skip_bad_images,
@@ -540,6 +593,39 @@ def pretrain(
     console.print(f"Fashion-MNIST test top-1 {results['test_accuracy'] * 100:.2f}% in {results['wall_time_min']:.1f} min")
 
 
+def generation_run(run: Path) -> bool:
+    """Whether ``run`` holds a subject-driven generation run (its config names the generation task)."""
+    try:
+        return (json.loads((run / "config.json").read_text()).get("task") or {}).get("name") == "generation"
+    except (OSError, ValueError, AttributeError):
+        return False  # the classification path reports what is wrong with the folder
+
+
+def evaluate_generation_cli(run: Path, data: Optional[str], backbone: Optional[str], weights: Optional[Path], dino: Optional[str],
+                            clip: Optional[str], pretrained: bool, num_images: int, steps: int, seed: int, grid: Optional[Path],
+                            json_out: Optional[Path], device: str) -> None:
+    from vptune.diffusion.metrics import evaluate_generation_run
+    from vptune.train.config import resolve_device
+
+    result = evaluate_generation_run(str(run), data=data, backbone=backbone, weights=None if weights is None else str(weights),
+                                     dino=dino, clip=clip, pretrained=pretrained, num_images=num_images, steps=steps, seed=seed,
+                                     grid=None if grid is None else str(grid), device=str(resolve_device(device)))
+    table = Table(title=f"{safe(str(run))}: {num_images} images per prompt, {steps} steps, seed {seed}")
+    for column in ("prompt", "subject DINO", "subject CLIP", "prompt CLIP"):
+        table.add_column(column)
+    rows = [(prompt, m) for prompt, m in result["per_prompt"].items()] + [("all", result)]
+    for prompt, m in rows:
+        table.add_row(safe(prompt), f"{m['subject_dino']:.4f}", f"{m['subject_clip']:.4f}", f"{m['prompt_clip']:.4f}")
+    console.print(table)
+    console.print(f"encoders: {safe(result['dino'])} (DINO-style), {safe(result['clip'])} (CLIP)")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(result, indent=2))
+        console.print(f"wrote {safe(str(json_out))}")
+    if grid is not None:
+        console.print(f"wrote {safe(str(grid))}")
+
+
 # --- generate: text-to-image with a diffusion backbone ---------------------------------------
 
 
@@ -547,7 +633,8 @@ def pretrain(
 @user_errors
 def generate(
     prompt: list[str] = typer.Option(..., help="Text prompt; repeat for several (one grid row each)."),
-    backbone: str = typer.Option("vptune_sd_fmnist", help="vptune_sd_fmnist (bundled) or hf:NAME (a Stable Diffusion 1.x/2.x pipeline)."),
+    run: Optional[Path] = typer.Option(None, help="A generation run folder (vptune train --data subject:DIR): generate with its tuned method."),
+    backbone: Optional[str] = typer.Option(None, help="vptune_sd_fmnist (bundled; the default) or hf:NAME (a Stable Diffusion 1.x/2.x pipeline); with --run: the run's own."),
     weights: Optional[Path] = typer.Option(None, help="Bundled: another UNet .safetensors; hf: a local pipeline folder."),
     pretrained: bool = typer.Option(False, "--pretrained", help="Download the hf: pipeline (needs internet)."),
     num_images: int = typer.Option(8, help="Images per prompt."),
@@ -566,13 +653,24 @@ def generate(
     from vptune.diffusion.sample import save_grid
     from vptune.train.config import resolve_device
 
-    model = load_diffusion_backbone(backbone, pretrained=pretrained, weights=weights).to(resolve_device(device))
+    tuned: dict[str, Any] = {}
+    if run is not None:  # the run's method on its backbone; a run made on another pipeline is refused
+        from vptune.diffusion.model import tuned_parts
+        from vptune.diffusion.train import load_generation_run
+
+        run_model = load_generation_run(run, backbone, weights=weights, pretrained=pretrained or None,
+                                        device=str(resolve_device(device)))
+        model, tuned = run_model.backbone.pipeline, tuned_parts(run_model)
+        backbone = model.name
+    else:
+        backbone = backbone or "vptune_sd_fmnist"
+        model = load_diffusion_backbone(backbone, pretrained=pretrained, weights=weights).to(resolve_device(device))
     images = run_generate(model, prompt, num_images=num_images, steps=steps, guidance=guidance, seed=seed,
-                          sampler=sampler, batch_size=batch_size, progress=True)
+                          sampler=sampler, batch_size=batch_size, progress=True, **tuned)
     labels = prompt if len(prompt) > 1 else None
     path = save_grid(images, out, columns=num_images, scale=scale or max(1, 128 // model.image_size), labels=labels)
     console.print(f"wrote {safe(str(path))}: {len(images)} images of {model.image_size}x{model.image_size} "
-                  f"({backbone}, {steps} {sampler} steps, guidance {guidance}, seed {seed})")
+                  f"({backbone}{', run ' + safe(str(run)) if run else ''}, {steps} {sampler} steps, guidance {guidance}, seed {seed})")
 
 
 # --- serve: many tasks from one frozen backbone over HTTP -----------------------------------

@@ -131,3 +131,22 @@ def evaluate_generation(model: Any, subject: Tensor, *, templates: tuple[str, ..
     if grid is not None:
         save_grid(images, grid, columns=num_images, scale=2, labels=prompts)
     return result
+
+
+def evaluate_generation_run(run: str, *, data: str | None = None, backbone: str | None = None, weights: str | None = None,
+                            dino: str | None = None, clip: str | None = None, pretrained: bool = False, num_images: int = 4,
+                            steps: int = 25, seed: int = 0, grid: str | None = None, device: str = "cpu") -> dict[str, Any]:
+    """``vptune eval --run RUN`` on a generation run: the metrics over ``EVAL_TEMPLATES`` against
+    the run's subject images (``data``: another ``subject:DIR`` to compare with)."""
+    from .train import SUBJECT_PREFIX, is_subject_spec, load_generation_run, subject_images
+
+    model = load_generation_run(run, backbone, weights=weights, device=device)
+    data = data or model.metadata.get("data")
+    if not isinstance(data, str) or not is_subject_spec(data):
+        raise ValueError(f"--data must be subject:DIR (the subject's images) for a generation run, got {data!r}")
+    pipeline = model.backbone.pipeline
+    subject, _, _ = subject_images(data[len(SUBJECT_PREFIX):], pipeline.image_size, pipeline.image_channels)
+    dino_model, clip_model = load_encoders(dino, clip, pretrained=pretrained, device=device)
+    result = evaluate_generation(model, subject, num_images=num_images, steps=steps, seed=seed, dino=dino_model,
+                                 clip=clip_model, grid=grid)
+    return {"run": str(run), "data": data, "dino": dino or DEFAULT_DINO, "clip": clip or DEFAULT_CLIP, **result}
