@@ -419,3 +419,58 @@ def test_bad_inputs_are_refused_with_the_fix(meter):
         family.embed({"image": inputs["image"]})
     with pytest.raises(ValueError, match="location='add' is not possible"):
         PromptModel(meter, config_for("vpt-deep", location="add"), task=VQATask(["a"]))
+
+
+# --- cost -------------------------------------------------------------------------------------------
+
+def test_the_meter_cost_rows_follow_the_formulas(meter):
+    from vptune.bench_vl import meter_cost
+
+    p, r = 6, 4
+    rows = {row["method"]: row for row in meter_cost(num_prompts=p, batch_size=1, rounds=1, net=meter)}
+    n = 1 + (SIDE // PATCH) ** 2  # image CLS and patches; the text has its full length T
+    per_layer = {"self": (T, n), "cross": (T, n)}  # queries of the text and image sites
+    apt = LAYERS * sum(2 * (4 * p * D * r + 4 * q * p * D) for q in per_layer["self"])  # self and cross sites of each stream
+    kv_all = LAYERS * sum(2 * 4 * q * p * D for q in (T, n))  # 200 extra keys' scores and values at 4 sites per layer
+    kv_cross = LAYERS * sum(4 * q * p * D for q in (T, n))
+    cross_literal = kv_cross + LAYERS * 2 * (2 * 2 * p * D * D)  # the prompts' keys and values, every forward
+    assert rows["apt"]["extra_gflops"] * 1e9 == pytest.approx(apt, rel=1e-9)
+    assert rows["vpt-deep:kv"]["extra_gflops"] * 1e9 == pytest.approx(kv_all, rel=1e-9)
+    assert rows["vpt-deep:kv:cross"]["extra_gflops"] * 1e9 == pytest.approx(kv_cross, rel=1e-9)
+    assert rows["vpt-deep:tokens:cross"]["extra_gflops"] * 1e9 == pytest.approx(cross_literal, rel=1e-9)
+    assert rows["vpt-deep:tokens"]["extra_gflops"] > rows["vpt-deep:tokens:cross"]["extra_gflops"]
+    assert rows["apt"]["tuned_params"] == 4 * LAYERS * (p * D + 2 * D * r)  # the scale untrained, as officially
+    assert rows["vpt-deep:kv:cross"]["tuned_params"] == 2 * LAYERS * p * D
+
+
+# --- the bundled METER ------------------------------------------------------------------------------
+
+def test_bundled_meter_is_the_bundled_clips_towers_under_fusion_layers(tmp_path):
+    from safetensors.torch import save_file
+
+    from vptune.backbones import meter_bundled as bundled
+    from vptune.backbones.clip_bundled import load_bundled_clip
+
+    clip = load_bundled_clip()
+    model = bundled.build_bundled_meter()
+    for name, part in model.named_children():
+        if name not in ("vit_model", "text_transformer"):  # the towers keep the CLIP's shipped weights
+            honest_(part, seed=len(name))
+    family = family_of(model)
+    assert len(family.sites) == 4 * bundled.LAYERS and family.config.image_size == 32
+    assert len(model.vit_model.transformer.resblocks) == len(clip.visual.transformer.resblocks) - 1  # METER drops CLIP's last block
+    state = bundled.fusion_state(model)
+    assert not any(k.startswith(("vit_model.", "text_transformer.")) for k in state)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "meter.safetensors"))
+    loaded = bundled.load_bundled_meter(tmp_path / "meter.safetensors")
+    words = model.tokenizer.words(["a shirt on the left"], padding="max_length", max_length=12, return_tensors="pt")
+    inputs = {"image": torch.randn(1, 3, 32, 32), "input_ids": words["input_ids"], "attention_mask": words["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), model(inputs))
+        ids = inputs["input_ids"]
+        # the text tower is the CLIP's: the same token states as its own transformer
+        x = clip.token_embedding(ids) + clip.positional_embedding[: ids.shape[1]]
+        ref = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[: ids.shape[1], : ids.shape[1]]))
+        torch.testing.assert_close(loaded.text_states(ids, inputs["attention_mask"]), ref)
+    with pytest.raises(FileNotFoundError, match="pretrain --arch meter"):
+        bundled.load_bundled_meter(tmp_path / "absent.safetensors")

@@ -352,18 +352,20 @@ def bench(
 ) -> None:
     """Tuned parameters, GFLOPs, speed and training memory of every method, side by side.
     ``--backbone vilt``: APT, the deep prompt (tokens and kv paths) and LoRA on ViLT-B/32's shape
-    at 384x384 with a 40-token question (random weights)."""
+    at 384x384 with a 40-token question (random weights); ``--backbone meter``: the same on
+    METER-B's shape at 288x288 (and the deep prompt at the cross-attention sites only)."""
     from vptune.bench import BenchSettings, parse_methods, run_bench, table, write_csv, write_json
 
-    if backbone == "vilt":
-        from vptune.bench_vl import vilt_cost
+    if backbone in ("vilt", "meter"):
+        from vptune.bench_vl import meter_cost, vilt_cost
 
         if threads:
             import torch
 
             torch.set_num_threads(threads)
-        rows = vilt_cost(num_prompts or 200, batch_size=batch_size, rounds=rounds)
-        grid = Table(title=f"ViLT-B/32 shape, 384x384, 40-token text, batch {batch_size}, {rows[0]['gflops']:.2f} GFLOPs per pair frozen")
+        cost, shape = (vilt_cost, "ViLT-B/32 shape, 384x384") if backbone == "vilt" else (meter_cost, "METER-B shape (CLIP-B/16, RoBERTa-base, 6+6 fusion layers), 288x288")
+        rows = cost(num_prompts or 200, batch_size=batch_size, rounds=rounds, clock=clock)
+        grid = Table(title=f"{shape}, 40-token text, batch {batch_size}, {rows[0]['gflops']:.2f} GFLOPs per pair frozen")
         for column in ("method", "prompts", "tuned (no head)", "extra GFLOPs", "infer s/batch", "APT's extra as % of this"):
             grid.add_column(column)
         for row in rows:

@@ -33,7 +33,8 @@ def load_backbone(
     shipped weights, no download), a timm model
     name (random weights, or timm's hub weights with ``pretrained=True``), or
     ``open_clip:NAME[/TAG]`` (a whole CLIP model: open_clip's weights for TAG), the bundled CLIP
-    ``vptune_clip_fmnist``, the bundled ViLT ``vptune_vilt_fmnist``, ``hf:NAME`` (a transformers ViLT), or ``meter[:SIZE]`` (METER-B's
+    ``vptune_clip_fmnist``, the bundled ViLT ``vptune_vilt_fmnist``, ``hf:NAME`` (a transformers ViLT), the bundled
+    METER ``vptune_meter_fmnist``, or ``meter[:SIZE]`` (METER-B's
     shape at SIZE px, default 288: random weights, or an official checkpoint with ``weights``). ``weights`` loads a local
     .safetensors, .pth/.pt or big_vision .npz file instead (for ``hf:``, a ``save_pretrained``
     folder or a .safetensors file).
@@ -42,6 +43,10 @@ def load_backbone(
         from .clip_bundled import load_bundled_clip
 
         return load_bundled_clip(weights)
+    if spec == "vptune_meter_fmnist":
+        from .meter_bundled import load_bundled_meter
+
+        return load_bundled_meter(weights)
     if spec == "meter" or spec.startswith("meter:"):
         from .meter import load_meter
 

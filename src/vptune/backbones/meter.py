@@ -395,8 +395,9 @@ class MeterFamily(Family):
             raise ValueError(f"images of {tuple(pixels.shape[-2:])} pixels, but this METER reads {size}x{size} "
                              f"(its position embedding's grid): resize to {size}, or build the model at that size")
         model = self.model
-        text = model.cross_modal_text_transform(model.text_states(ids, mask))
-        image = model.cross_modal_image_transform(model.image_states(pixels))
+        with torch.no_grad():  # the encoders are frozen with every method: no activations kept for backward
+            text, image = model.text_states(ids, mask), model.image_states(pixels)
+        text, image = model.cross_modal_text_transform(text), model.cross_modal_image_transform(image)
         types = self.module("token_type_embeddings")
         index = min(int(inputs.get("image_token_type_idx", 1)), types.num_embeddings - 1)
         text = text + types(torch.zeros_like(ids))
