@@ -332,7 +332,7 @@ def test_cache_invalidated_when_prompts_change(change):
     elif change == "no_grad_add":
         with torch.no_grad():
             prompts.add_(noise)
-    elif change == "optimizer_step":  # in eval mode throughout: no .train()/.eval(), which clear the cache
+    elif change == "optimizer_step":  # in eval mode throughout: no .train(), which clears the cache
         optimizer = torch.optim.SGD(model.tuned_parameters().values(), lr=5.0)
         F.cross_entropy(model(images), torch.arange(images.shape[0]) % NUM_CLASSES).backward()
         optimizer.step()
@@ -372,9 +372,12 @@ def test_e2vpt_cache_sees_key_value_prompt_changes():
     torch.testing.assert_close(after, uncached_logits(model, images), atol=1e-6, rtol=0)
 
 
-def test_train_clears_cache(cached_model):
+def test_train_clears_cache_and_eval_keeps_it(cached_model):
     with torch.no_grad():
         cached_model(images_of())
+    filled = list(cached_model.method.kv_cache)
+    cached_model.eval()  # a server or the bench calls eval() before every batch
+    assert list(cached_model.method.kv_cache) == filled
     cached_model.train()
     assert not cached_model.method.kv_cache
     assert not cached_model.backbone.training
@@ -496,3 +499,51 @@ def test_avg_pool_prompts_act_only_through_attention(name, config):
             block.attn.proj.bias.zero_()
         model.method.kv_cache.clear()
         torch.testing.assert_close(pooled(model, images), pooled(without, images), atol=1e-6, rtol=0)
+
+
+# --- 7. padding keys for the CPU attention kernel ----------------------------------------------
+
+
+def test_key_count_pads_only_extra_keys_on_the_cpu():
+    from vptune.attention import key_count
+
+    assert key_count(49, 10, "cpu") == 64  # Swin-T's 7x7 window and 10 prompt keys
+    assert key_count(49, 0, "cpu") == 49  # no extra keys: the keys are not copied, nothing is padded
+    assert key_count(49, 1, "cpu") == 50  # a remainder of 2 is as fast as padding
+    assert key_count(197, 50, "cpu") == 256
+    assert key_count(49, 10, "meta") == 59  # other devices' kernels: untouched
+
+
+@pytest.mark.parametrize("extra", [1, 5, 12, 15])
+def test_padded_keys_change_no_output_and_no_gradient(extra):
+    """attend with extra keys equals softmax(q k^T / sqrt(d_h) + position bias + key bias) v by
+    hand, outputs and gradients, whether key_count pads the keys (5, 12 here) or not (1, 15)."""
+    from vptune.attention import attend, key_count
+
+    attn = tiny_vit("cls-token", depth=1).blocks[0].attn
+    H, Dh = attn.num_heads, attn.head_dim
+    g = torch.Generator().manual_seed(3)
+    B, N = 3, 17
+    x = torch.randn(B, N, H * Dh, generator=g, requires_grad=True)
+    extra_k = torch.randn(1, H, extra, Dh, generator=g, requires_grad=True)
+    extra_v = torch.randn(1, H, extra, Dh, generator=g, requires_grad=True)
+    position = torch.randn(1, H, N, N, generator=g)
+    key_bias = torch.zeros(B, 1, 1, N + extra)
+    key_bias[1, ..., N] = float("-inf")  # sample 1 drops the first extra key
+    pads = key_count(N, extra, "cpu") > N + extra
+    assert pads == (extra in (5, 12))
+
+    ours = attend(attn, x, extra_k, extra_v, key_bias, position_bias=position)
+    qkv = x @ attn.qkv.weight.T + attn.qkv.bias
+    q, k, v = (qkv[..., j * H * Dh : (j + 1) * H * Dh].reshape(B, N, H, Dh).transpose(1, 2) for j in range(3))
+    k = torch.cat([k, extra_k.expand(B, -1, -1, -1)], dim=2)
+    v = torch.cat([v, extra_v.expand(B, -1, -1, -1)], dim=2)
+    logits = (q @ k.transpose(-1, -2)) / math.sqrt(Dh) + F.pad(position, (0, extra)) + key_bias
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, N, H * Dh)
+    expected = out @ attn.proj.weight.T + attn.proj.bias
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(expected.shape, generator=g)
+    grads = torch.autograd.grad((ours * weights).sum(), (x, extra_k, extra_v))
+    for got, want in zip(grads, torch.autograd.grad((expected * weights).sum(), (x, extra_k, extra_v))):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -41,7 +41,7 @@ from timm.models.swin_transformer import (
     window_reverse,
 )
 
-from ..attention import attend, heads, prompt_keys_values
+from ..attention import attend, heads, key_count, pad_keys, prompt_keys_values
 from ..family_options import swin_options
 from ..methods.base import Method
 from .beit import pad_position_bias
@@ -149,14 +149,20 @@ class SwinFamily(Family):
     def options(self, method: Method) -> dict[str, Any]:
         return method.family_options.get("swin") or swin_options(None)
 
-    def position_bias(self, block: nn.Module, mask: Tensor | None, prompts: int, batch: int) -> Tensor:
-        """The block's relative-position bias plus its shift mask over ``prompts + window``
-        tokens, zero for the prompts: (1, H, L, L) unshifted, (B*nW, H, L, L) shifted."""
+    def position_bias(self, block: nn.Module, mask: Tensor | None, prompts: int, batch: int, extra: int = 0) -> Tensor:
+        """The block's relative-position bias plus its shift mask over ``prompts + window`` queries
+        and the keys ``attend`` will use (``prompts + window``, then ``extra`` extra keys and the
+        kernel's padding keys, ``attention.key_count``), zero for prompts and extra keys: (1, H, L, K)
+        unshifted, (B*nW, H, L, K) shifted. Padded per window before the copy for every image."""
         bias = block.attn._get_rel_pos_bias()  # 1, H, N, N
         if mask is not None:  # nW, N, N: -100 between tokens that were not neighbours before the shift
             bias = bias + mask[:, None].to(bias.dtype)  # nW, H, N, N
-            bias = bias[None].expand(batch, *bias.shape).flatten(0, 1)  # B*nW, H, N, N
-        return pad_position_bias(bias, 0, prompts)
+        tokens = bias.shape[-1] + prompts
+        keys = key_count(tokens, extra, bias.device)
+        bias = pad_keys(pad_position_bias(bias, 0, prompts), keys, keys - tokens - extra)
+        if mask is not None:
+            bias = bias[None].expand(batch, *bias.shape).flatten(0, 1)  # B*nW, H, L, K
+        return bias
 
     def windows(self, block: nn.Module, u: Tensor) -> tuple[Tensor, Tensor | None, tuple[int, int]]:
         """timm's shift, padding and partition of the normalised grid ``u`` (B, H, W, C): the
@@ -199,7 +205,7 @@ class SwinFamily(Family):
             bias = key_bias(per_window(prompt_bias, nW), windows.shape[1], extra)
         else:
             bias = None
-        position_bias = self.position_bias(block, mask, p, B)
+        position_bias = self.position_bias(block, mask, p, B, 0 if extra_k is None else extra_k.shape[2])
         a = attend(block.attn, windows, extra_k, extra_v, bias, position_bias=position_bias)
         if hook is not None:
             a = hook(windows, a)

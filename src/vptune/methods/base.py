@@ -144,7 +144,11 @@ class Method(nn.Module):
         return None
 
     def train(self, mode: bool = True) -> "Method":
-        self.kv_cache.clear()
+        # Training never reads the cache, so entering it frees the cache; ``eval()`` keeps it
+        # (each entry checks its own validity), so that a server or a bench calling ``eval()``
+        # before every batch still computes the prompt keys and values once.
+        if mode:
+            self.kv_cache.clear()
         return super().train(mode)
 
 
