@@ -229,3 +229,39 @@ def test_pretrain_arch_swin_writes_the_bundled_swin_and_its_own_card(tmp_path, m
     assert (tmp_path / "work" / "vptune_swin_fmnist-checkpoint.pt").is_file()
     with pytest.raises(ValueError, match=r"unknown --arch 'resnet'"):
         pretrain.pretrain(tmp_path / "out", arch="resnet")
+
+
+@pytest.mark.parametrize(
+    "name, family",
+    [
+        # The VPT paper's Swin-B is swin_base_patch4_window7_224.ms_in22k: the same code path (a tagged hub
+        # name, its 21841-class head, timm's Swin checkpoint filter) at the tiny width, a 177 MB file not 436 MB.
+        ("swin_tiny_patch4_window7_224.ms_in22k", "swin"),
+        ("vit_small_patch16_dinov3.lvd1689m", "eva"),
+        ("eva02_small_patch14_224.mim_in22k", "eva"),
+    ],
+)
+def test_hub_names_load_a_local_weights_file_offline(name, family, tmp_path, monkeypatch):
+    """Offline, ``--backbone HUBNAME.TAG --weights FILE`` builds the named architecture and loads
+    the file's tensors, with no download (timm's hub calls fail here if tried)."""
+    from honest import honest_
+
+    from vptune.backbones.family import family_of
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    monkeypatch.setattr(timm.models._builder, "load_pretrained", no_network)
+    torch.manual_seed(0)
+    source = honest_(timm.create_model(name, pretrained=False), 0).eval()
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    loaded = load_backbone(name, weights=path, pretrained=True)  # --pretrained beside --weights: the file wins
+    assert family_of(loaded).name == family
+    state = loaded.state_dict()
+    assert state.keys() == source.state_dict().keys()
+    for key, value in source.state_dict().items():  # the 21841-class head of the 22k names included
+        assert torch.equal(state[key], value), key
+    image = torch.randn(1, *family_of(loaded).input_size(), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_features(image), source.forward_features(image))

@@ -186,3 +186,70 @@ def test_replace_is_atomic_and_a_held_task_keeps_its_run(tmp_path):
     assert model.task_names == ["half"] and model(x[:1], [held])[0].shape == (4,)
     with pytest.raises(KeyError, match="no task 'train'"):
         model(x[:1], "train")
+
+
+# --- the other families: Eva, open_clip's timm tower, Swin -------------------------------------
+
+# Swin's mixed pass takes tasks whose prompts only give keys/values (see test_swin_refuses_...).
+SWIN_RUNS = ["deep3", "deep5-tokens", "e2vpt", "e2vpt-shared", "apt", "linear", "mlp"]
+
+
+def family_backbone(family: str) -> torch.nn.Module:
+    if family.startswith("swin-"):
+        from test_swin import tiny_swin
+
+        return tiny_swin(family.removeprefix("swin-"))
+    if family == "open_clip-timm":
+        pytest.importorskip("open_clip")
+        from test_openclip import timm_tower_clip
+
+        return timm_tower_clip()
+    from test_families import tiny
+
+    return tiny(family)
+
+
+@pytest.mark.parametrize("family", ["eva02", "open_clip-timm", "swin-shifted", "swin-padded"])
+def test_mixed_batch_matches_each_tasks_own_model_on_other_families(family, tmp_path):
+    """As on the ViT: every task's rows of a mixed batch equal its own PromptModel's logits, on a
+    rotary (EVA-02), a projected (open_clip's timm tower) and a windowed backbone (Swin: shifted
+    windows, and windows timm pads). DINOv3 and BEiT: tests/test_families.py."""
+    from vptune.backbones.family import family_of
+
+    backbone = family_backbone(family)
+    names = SWIN_RUNS if family.startswith("swin-") else [name for name in RUNS if family != "open_clip-timm" or name != "add"]
+    folders = {name: make_run(backbone, *RUNS[name], tmp_path / name, seed) for seed, name in enumerate(names)}
+    folders["pruned"] = make_pruned_run(backbone, tmp_path / "pruned")
+    model = MultiTaskModel(backbone, folders)
+    names = list(folders)
+    tasks = [names[j % len(names)] for j in range(2 * len(names) + 1)]
+    x = torch.randn(len(tasks), *family_of(backbone).input_size(), generator=torch.Generator().manual_seed(3))
+    out = model(x, tasks)
+    for name in names:
+        rows = [j for j, t in enumerate(tasks) if t == name]
+        expected = reference(backbone, folders[name], x[rows])
+        torch.testing.assert_close(torch.stack([out[j] for j in rows]), expected, atol=1e-5, rtol=0, msg=f"task {name}")
+    # The prompts matter: the same deep-prompt run with its prompts zeroed answers otherwise.
+    blank = PromptModel.from_pretrained(backbone, folders["deep3"]).eval()
+    with torch.no_grad():
+        for prompts in (p for n, p in blank.tuned_parameters().items() if "prompt" in n):
+            prompts.zero_()
+        assert (blank(x[:2]) - torch.stack(model(x[:2], "deep3"))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("shallow4", None),
+        ("subset", None),
+        ("late", None),
+        ("deep-pooled", ("vpt-deep", dict(num_prompts=3, swin={"pool": True}), 3)),  # the official final pool
+    ],
+)
+def test_swin_refuses_tasks_whose_prompt_tokens_go_through_blocks(name, options, tmp_path):
+    backbone = family_backbone("swin-shifted")
+    folder = make_run(backbone, *(options or RUNS[name]), tmp_path / name, 0)
+    model = MultiTaskModel(backbone, {"deep3": make_run(backbone, *RUNS["deep3"], tmp_path / "deep3", 1)})
+    with pytest.raises(ValueError, match=rf"task 'x' \(vpt-\w+\) cannot join a mixed-task batch on Swin: its prompt tokens go through blocks .*serve it on its own"):
+        model.add_task("x", folder)
+    assert model.task_names == ["deep3"]

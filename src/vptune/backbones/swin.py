@@ -25,7 +25,7 @@ cyclic shift and its mask (README, "Where the official code differs from the pap
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -295,6 +295,18 @@ class SwinFamily(Family):
                         carried = None
                 i += 1
         return x, carried
+
+    def grid_walk(self, x: Tensor, block: Callable[[int, Tensor], Tensor]) -> Tensor:
+        """The stages' skeleton for a caller with its own block step (mixed-task serving):
+        each stage's patch merging, then ``x = block(i, x)`` for its blocks, i counting all blocks."""
+        i = 0
+        for stage in self.model.layers:
+            if not isinstance(stage.downsample, nn.Identity):
+                x = stage.downsample(x)
+            for _ in stage.blocks:
+                x = block(i, x)
+                i += 1
+        return x
 
     def num_windows(self, index: int, x: Tensor) -> int:
         """Windows per image of block ``index`` on the grid ``x`` (B, H, W, C), padding included."""

@@ -31,6 +31,14 @@ computes for their images and are refused with the reason.
 Vision-language runs (VQA, NLVR, retrieval on a ViLT) are answered by ``answer_vl``: each
 task's own ``PromptModel`` on the shared backbone, one pass per task and batch, since each run
 has its own copies of ViLT's pooler and token types.
+
+Families: every token-sequence family (ViT, Eva: EVA-02, DINOv3, RoPE ViTs; BEiT; open_clip's
+own towers, and its timm towers through their trunk's family) walks as above. Swin walks its
+stages with the same banks, each sample's extra keys/values appended in every window of its
+image (``SwinFamily.grid_walk``); a Swin task whose prompt tokens go through a block
+(VPT-shallow, deep prompts in a subset of blocks, the official ``pool=True``) is refused:
+those tokens live in every window and pass patch merging under per-task options, which the
+mixed pass does not re-compose.
 """
 
 from __future__ import annotations
@@ -149,11 +157,12 @@ class Task:
 
 @dataclasses.dataclass
 class _Bank:
-    """A task's cached extra keys/values for every block, (depth, H, M, Dh), left-aligned;
-    ``bias`` (depth, M) is 0 or the task's key mask where real and -inf where padded."""
+    """A task's cached extra keys/values, per block (H_i, M, Dh_i) (Swin's heads change between
+    stages), left-aligned; ``bias`` (depth, M) is 0 or the task's key mask where real and -inf
+    where padded."""
 
-    keys: Tensor
-    values: Tensor
+    keys: list[Tensor]
+    values: list[Tensor]
     bias: Tensor
     count: list[int]  # real entries per block
     masked: bool  # the task's own key mask is not all zero
@@ -187,9 +196,15 @@ class MultiTaskModel(nn.Module):
     def __init__(self, backbone: nn.Module, runs: Mapping[str, str | os.PathLike] | None = None) -> None:
         super().__init__()
         family = family_of(backbone)
-        if not isinstance(family, SequenceFamily):
-            raise TypeError(f"mixed-task serving walks token-sequence families (ViT, Eva, BEiT); {family.name} is not one")
-        self.family = family
+        walker = getattr(family, "trunk_family", family)  # open_clip's timm tower: its trunk's family walks the blocks
+        if not isinstance(walker, SequenceFamily) and not hasattr(walker, "grid_walk"):
+            raise TypeError(
+                f"mixed-task serving walks token-sequence families (ViT, Eva, BEiT, open_clip) and Swin; "
+                f"{walker.name} is neither"
+            )
+        self.family = family  # embedding and pooling (open_clip's tower adds its projection)
+        self.walker = walker  # the blocks
+        self.windows = not isinstance(walker, SequenceFamily)  # Swin: extra keys in every window of a grid
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
         self.tasks = nn.ModuleDict()  # "task_NAME": a task may be called "half" or "train", which ModuleDict has
@@ -283,6 +298,13 @@ class MultiTaskModel(nn.Module):
         names = model.metadata.get("class_names")
         labels = [str(n) for n in names] if isinstance(names, list) and len(names) == model.num_classes else None
         plan = _prompt_plan(layers, depth)
+        if self.windows and ("tokens" in plan or (plan[-1] == "kv" and self.walker.options(method)["pool"])):
+            raise ValueError(
+                f"task {name!r} ({model.config.method_name()}) cannot join a mixed-task batch on Swin: its prompt tokens "
+                "go through blocks (or into the final pool), where they live in every window and pass patch merging, "
+                "which the mixed pass does not re-compose; serve it on its own with PromptModel.from_pretrained, or "
+                "train it with prompts in every block (vpt-deep, e2vpt) and the paper's pool=False"
+            )
         extra_keys = "kv" in plan or any(method.kv_prompts(i) is not None for i in range(depth))
         kind, tokenizer = model.task.name, None
         if kind != "classification":  # answered by the run's own PromptModel on the shared backbone
@@ -308,12 +330,12 @@ class MultiTaskModel(nn.Module):
         bank = task.banks.get(key)
         if bank is not None:
             return bank
-        method, sites = task.model.method, self.family.sites
+        method, sites = task.model.method, self.walker.sites
         parts: list[tuple[Tensor, Tensor, Tensor] | None] = []
         for i in range(len(sites)):
             ks, vs, bs = [], [], []
             if task.plan[i] == "kv" and i in method.prompt_layers:
-                k, v = self.family.prompt_keys_values(i, method.prompts(i, 1))  # 1, H, p, Dh
+                k, v = self.walker.prompt_keys_values(i, method.prompts(i, 1))  # 1, H, p, Dh
                 ks.append(k[0]), vs.append(v[0])
                 bs.append(k.new_zeros(task.num_prompts) if task.key_bias is None else task.key_bias.to(k))
             kv = method.kv_prompts(i)
@@ -323,11 +345,11 @@ class MultiTaskModel(nn.Module):
             parts.append((torch.cat(ks, 1), torch.cat(vs, 1), torch.cat(bs)) if ks else None)
         count = [0 if part is None else part[2].numel() for part in parts]
         width = max(count)
-        keys = like.new_zeros(len(sites), sites[0].num_heads, width, sites[0].head_dim)
-        values, bias = torch.zeros_like(keys), like.new_full((len(sites), width), float("-inf"))
+        keys = [like.new_zeros(site.num_heads, width, site.head_dim) for site in sites]
+        values, bias = [torch.zeros_like(k) for k in keys], like.new_full((len(sites), width), float("-inf"))
         for i, part in enumerate(parts):
             if part is not None:
-                keys[i, :, : count[i]], values[i, :, : count[i]], bias[i, : count[i]] = part
+                keys[i][:, : count[i]], values[i][:, : count[i]], bias[i, : count[i]] = part
         masked = task.key_bias is not None and bool((task.key_bias != 0).any())
         bank = task.banks[key] = _Bank(keys, values, bias.float(), count, masked)
         return bank
@@ -355,7 +377,7 @@ class MultiTaskModel(nn.Module):
             if order != sorted(order):
                 images = images[torch.tensor(order, device=images.device)]
             x, aux = self.family.embed(images)
-            features = self.family.pooled_features(self._walk(x, aux, info, spans))
+            features = self.family.pooled_features(self._walk(x, aux, info, spans))  # Swin: the grid's pool
             out: list[Tensor | None] = [None] * len(tasks)
             for task, span in zip(info, spans):
                 for j, row in zip(order[span], task.model.head(features[span])):
@@ -384,8 +406,10 @@ class MultiTaskModel(nn.Module):
             if members:
                 rows = slice(spans[members[0]].start, spans[members[-1]].stop)
                 groups.append((rows, members, _stack([banks[j] for j in members], [spans[j] for j in members])))
+        if self.windows:
+            return self.walker.grid_walk(x, lambda i, grid: self._window_block(i, grid, info, spans, banks, groups))
         slot: Tensor | None = None  # prompt tokens (rows of group 0, P, d) carried out of the last block
-        depth, pooled = len(self.family.sites), self.family.pooled_outputs()
+        depth, pooled = len(self.walker.sites), self.walker.pooled_outputs()
         for i in range(depth):
             x = _offsets(i, x, info, spans)
             outputs = []
@@ -410,7 +434,7 @@ class MultiTaskModel(nn.Module):
         only the first tokens' outputs are computed (the last block under token pooling, where
         no prompt token goes through the block)."""
         n, N, d = x.shape
-        prefix = self.family.num_prefix_tokens
+        prefix = self.walker.num_prefix_tokens
         needs_mask = False
         # Prompt tokens that go through this block: fresh ones, or those carried from the last.
         tokens = token_bias = None
@@ -426,22 +450,18 @@ class MultiTaskModel(nn.Module):
             needs_mask |= len(through) < len(info)
         # Extra keys/values: the cached bank, then carried prompts this block discards.
         ks, vs, biases = [], [], []
-        used = max(bank.count[i] for bank in banks)
-        if used:
-            keys, values, bias, repeats = stack
-            parts = (keys[:, i, :, :used], values[:, i, :, :used], bias[:, i, :used])  # T, H, M, Dh (twice); T, M
-            if repeats is not None:  # one row per sample
-                parts = tuple(part.repeat_interleave(repeats, dim=0, output_size=n) for part in parts)
+        parts = _bank_rows(i, n, banks, stack)
+        if parts is not None:
             ks.append(parts[0]), vs.append(parts[1]), biases.append(parts[2])
-            needs_mask |= any(bank.masked or bank.count[i] < used for bank in banks)
+            needs_mask |= parts[3]
         late = [(task, span) for task, span in zip(info, spans) if task.plan[i] == "kv" and i not in task.model.method.prompt_layers]
         if late:
-            site, width = self.family.sites[i], max(task.num_prompts for task, _ in late)
+            site, width = self.walker.sites[i], max(task.num_prompts for task, _ in late)
             late_k = x.new_zeros(n, site.num_heads, width, site.head_dim)
             late_v, late_bias = torch.zeros_like(late_k), x.new_full((n, width), float("-inf"))
             for task, span in late:
                 p = task.num_prompts
-                k, v = self.family.prompt_keys_values(i, slot[span, :p])  # m, H, p, Dh: these depend on the image
+                k, v = self.walker.prompt_keys_values(i, slot[span, :p])  # m, H, p, Dh: these depend on the image
                 late_k[span, :, :p], late_v[span, :, :p] = k.to(x.dtype), v.to(x.dtype)
                 late_bias[span, :p] = 0.0 if task.key_bias is None else task.key_bias
                 needs_mask |= p < width or task.key_bias is not None
@@ -461,11 +481,48 @@ class MultiTaskModel(nn.Module):
             parts += [part.to(x.dtype).expand(rows, -1) for part in biases]
             bias = torch.cat(parts, dim=1)[:, None, None, :]  # n|1, 1, 1, N+P+M
         hook = _attention_hook(i, info, spans)
-        seq = self.family.block_forward(i, seq, aux, k, v, bias, hook, queries, 0 if tokens is None else tokens.shape[1])
+        seq = self.walker.block_forward(i, seq, aux, k, v, bias, hook, queries, 0 if tokens is None else tokens.shape[1])
         if tokens is None:
             return seq, None
         p = tokens.shape[1]
         return torch.cat([seq[:, :prefix], seq[:, prefix + p :]], dim=1), seq[:, prefix : prefix + p]
+
+    def _window_block(self, i: int, x: Tensor, info: list[Task], spans: list[slice], banks: list[_Bank], groups) -> Tensor:
+        """Swin block ``i`` over the task-sorted grid ``x`` (B, H, W, C), a row group at a time:
+        each sample's extra keys/values (from its task's bank) in every window of its image."""
+        outputs = []
+        for rows, members, stack in groups:
+            grid = x[rows]
+            n = grid.shape[0]
+            k = v = bias = None
+            parts = _bank_rows(i, n, [banks[j] for j in members], stack)
+            if parts is not None:
+                windows = self.walker.num_windows(i, grid)
+                k, v = (_per_window(part, windows) for part in parts[:2])  # n*nW|1, H, M, Dh
+                bias = parts[2].to(grid.dtype) if parts[3] else None  # n|1, M: the Swin walk puts it in every window
+            local = [slice(spans[j].start - rows.start, spans[j].stop - rows.start) for j in members]
+            hook = _attention_hook(i, [info[j] for j in members], local)
+            outputs.append(self.walker.block_forward(i, grid, None, k, v, bias, 0, hook, False)[0])
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _per_window(t: Tensor, windows: int) -> Tensor:
+    """Per-sample rows (n|1, ...) for the window batch (n*nW|1, ...); windows are image by image."""
+    return t if t.shape[0] == 1 else t.repeat_interleave(windows, dim=0)
+
+
+def _bank_rows(i: int, n: int, banks: list[_Bank], stack) -> tuple[Tensor, Tensor, Tensor, bool] | None:
+    """Block ``i``'s cached extra keys and values (n|1, H, M, Dh) for a row group of ``n`` samples,
+    their bias (n|1, M), and whether that bias must be applied (some entries padded or masked);
+    None when no task of the group has extra keys in this block."""
+    used = max(bank.count[i] for bank in banks)
+    if not used:
+        return None
+    keys, values, bias, repeats = stack
+    parts = (keys[i][:, :, :used], values[i][:, :, :used], bias[:, i, :used])  # T, H, M, Dh (twice); T, M
+    if repeats is not None:  # one row per sample
+        parts = tuple(part.repeat_interleave(repeats, dim=0, output_size=n) for part in parts)
+    return (*parts, any(bank.masked or bank.count[i] < used for bank in banks))
 
 
 def _offsets(i: int, x: Tensor, info: list[Task], spans: list[slice]) -> Tensor:
@@ -485,32 +542,42 @@ def _attention_hook(i: int, info: list[Task], spans: list[slice]):
         return hooks[0]
 
     def mixed(u: Tensor, a: Tensor) -> Tensor:
-        return torch.cat([a[span] if hook is None else hook(u[span], a[span]) for hook, span in zip(hooks, spans)])
+        f = a.shape[0] // spans[-1].stop  # rows per sample: 1, or Swin's windows per image
+        rows = [slice(span.start * f, span.stop * f) for span in spans]
+        return torch.cat([a[r] if hook is None else hook(u[r], a[r]) for hook, r in zip(hooks, rows)])
 
     return mixed
 
 
-def _stack(banks: list[_Bank], spans: list[slice]) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
-    """A group's banks padded (masked) to one width and stacked: keys and values (T, D, H, M, Dh),
-    bias (T, D, M), and how many rows each task has (None for one task, which broadcasts)."""
-    width = max(bank.keys.shape[2] for bank in banks)
+def _stack(banks: list[_Bank], spans: list[slice]) -> tuple[list[Tensor], list[Tensor], Tensor, Tensor | None] | None:
+    """A group's banks padded (masked) to one width and stacked: keys and values per block
+    (T, H, M, Dh), bias (T, D, M), and how many rows each task has (None for one task, which
+    broadcasts)."""
+    width = max(bank.keys[0].shape[1] for bank in banks)
     if not width:
         return None
     if len(banks) == 1:
-        return banks[0].keys[None], banks[0].values[None], banks[0].bias[None], None
+        bank = banks[0]
+        return [k[None] for k in bank.keys], [v[None] for v in bank.values], bank.bias[None], None
     padded = [_pad(bank, width) for bank in banks]
-    repeats = torch.tensor([span.stop - span.start for span in spans], device=banks[0].keys.device)
-    return (*(torch.stack([p[j] for p in padded]) for j in range(3)), repeats)
+    repeats = torch.tensor([span.stop - span.start for span in spans], device=banks[0].bias.device)
+    depth = len(banks[0].keys)
+    keys = [torch.stack([p[0][i] for p in padded]) for i in range(depth)]
+    values = [torch.stack([p[1][i] for p in padded]) for i in range(depth)]
+    return keys, values, torch.stack([p[2] for p in padded]), repeats
 
 
-def _pad(bank: _Bank, width: int) -> tuple[Tensor, Tensor, Tensor]:
+def _pad(bank: _Bank, width: int) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """The bank padded to ``width`` entries per block; the padding is masked with -inf."""
-    extra = width - bank.keys.shape[2]
+    extra = width - bank.keys[0].shape[1]
     if not extra:
         return bank.keys, bank.values, bank.bias
-    pad = bank.keys.new_zeros(*bank.keys.shape[:2], extra, bank.keys.shape[3])
+
+    def pad(t: Tensor) -> Tensor:
+        return torch.cat([t, t.new_zeros(t.shape[0], extra, t.shape[2])], 1)
+
     return (
-        torch.cat([bank.keys, pad], 2),
-        torch.cat([bank.values, pad], 2),
+        [pad(k) for k in bank.keys],
+        [pad(v) for v in bank.values],
         torch.cat([bank.bias, bank.bias.new_full((bank.bias.shape[0], extra), float("-inf"))], 1),
     )
