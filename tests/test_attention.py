@@ -512,6 +512,7 @@ def test_key_count_pads_only_extra_keys_on_the_cpu():
     assert key_count(49, 1, "cpu") == 50  # a remainder of 2 is as fast as padding
     assert key_count(197, 50, "cpu") == 256
     assert key_count(49, 10, "meta") == 59  # other devices' kernels: untouched
+    assert key_count(49, 10, "cpu", align=False) == 59  # long sequences (every family but Swin): untouched
 
 
 @pytest.mark.parametrize("extra", [1, 5, 12, 15])
@@ -533,7 +534,7 @@ def test_padded_keys_change_no_output_and_no_gradient(extra):
     pads = key_count(N, extra, "cpu") > N + extra
     assert pads == (extra in (5, 12))
 
-    ours = attend(attn, x, extra_k, extra_v, key_bias, position_bias=position)
+    ours = attend(attn, x, extra_k, extra_v, key_bias, position_bias=position, align_keys=True)
     qkv = x @ attn.qkv.weight.T + attn.qkv.bias
     q, k, v = (qkv[..., j * H * Dh : (j + 1) * H * Dh].reshape(B, N, H, Dh).transpose(1, 2) for j in range(3))
     k = torch.cat([k, extra_k.expand(B, -1, -1, -1)], dim=2)

@@ -125,17 +125,20 @@ def _rotate(t: Tensor, rope: Tensor | None, start: int, half: bool) -> Tensor:
 
 # The CPU fused attention kernel (fp32, torch 2.13) handles the last ``keys % 16`` keys of a row
 # with scalar code: 49 keys per Swin window take 4.8 ms, 59 take 8.6 ms and 64 take 5.5 ms
-# (256 windows, 3 heads, 1 thread). When extra keys are appended, the keys are copied anyway, so
-# zero keys masked with -inf are appended too, up to a multiple of 16, where that is faster
-# (a remainder above 2; the masked keys change no output and get no gradient).
+# (256 windows, 3 heads, 1 thread). With ``align_keys`` (Swin's windows, where a window's few keys
+# make that tail a large share), when extra keys are appended, and so the keys copied anyway, zero
+# keys masked with -inf are appended too, up to a multiple of 16, where that is faster (a remainder
+# above 2). The masked keys change no output and get no gradient; they are computed, so FLOP
+# counts include them. Long sequences (ViT: 197 + 50 keys) gain less (about 7% of the attention
+# kernel) and are left unpadded, so that their FLOPs stay the model's own.
 KEY_BLOCK = 16
 
 
-def key_count(tokens: int, extra: int, device: torch.device | str) -> int:
-    """Keys ``attend`` attends over for ``tokens`` tokens and ``extra`` extra keys: with extra
-    keys on the CPU, padded up to a multiple of ``KEY_BLOCK`` when the remainder is above 2."""
+def key_count(tokens: int, extra: int, device: torch.device | str, align: bool = True) -> int:
+    """Keys ``attend`` attends over for ``tokens`` tokens and ``extra`` extra keys: with ``align``,
+    extra keys and the CPU, padded up to a multiple of ``KEY_BLOCK`` when the remainder is above 2."""
     keys = tokens + extra
-    if extra == 0 or torch.device(device).type != "cpu" or keys % KEY_BLOCK <= 2:
+    if not align or extra == 0 or torch.device(device).type != "cpu" or keys % KEY_BLOCK <= 2:
         return keys
     return keys + (-keys) % KEY_BLOCK
 
@@ -164,13 +167,15 @@ def attend(
     rope_from: int = 0,
     position_bias: Tensor | None = None,
     context: Tensor | None = None,
+    align_keys: bool = False,
 ) -> Tensor:
     """Self-attention of ``x`` (B, N, d) (cross-attention with ``context`` (B, M, dc): queries
     from ``x``, keys and values from ``context``; no positions then), plus ``extra_k``/``extra_v`` (B|1, H, M, Dh) as
     additional keys and values. ``key_bias`` (B|1, 1, 1, N+M) is added to the attention logits:
     a log-mask, where ``-inf`` removes a key exactly. ``rope`` rotates tokens ``rope_from:``;
     ``position_bias`` (B|1|nW, H, N, N) is the family's own position bias over ``x`` (zero for
-    prompt rows and columns), or already widened to ``key_count(N, M)`` keys by ``pad_keys``. With ``queries`` only the first ``queries`` tokens attend, and only
+    prompt rows and columns), or already widened to ``key_count(N, M)`` keys by ``pad_keys``
+    (``align_keys``: padding keys for the CPU kernel, see ``KEY_BLOCK``). With ``queries`` only the first ``queries`` tokens attend, and only
     their outputs (B, queries, d) are computed."""
     B, N, _ = x.shape
     H, Dh = heads(attn)
@@ -196,9 +201,9 @@ def attend(
     if extra_k is None:
         k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=2)
     else:
-        M = extra_k.shape[2]
-        K = key_count(N, M, x.device)
-        pad = K - N - M
+        T, M = v.shape[2], extra_k.shape[2]  # keys of x (or of the context), extra keys
+        K = key_count(T, M, x.device, align_keys)
+        pad = K - T - M
         k, padding = keys[-1], (B, H, pad, Dh)
         k = torch.cat([*keys, extra_k.to(k.dtype).expand(B, -1, -1, -1), k.new_zeros(1, 1, 1, 1).expand(padding)], dim=2)  # B, H, K, Dh
         v = torch.cat([v, extra_v.to(v.dtype).expand(B, -1, -1, -1), v.new_zeros(1, 1, 1, 1).expand(padding)], dim=2)

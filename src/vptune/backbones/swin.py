@@ -152,13 +152,13 @@ class SwinFamily(Family):
     def position_bias(self, block: nn.Module, mask: Tensor | None, prompts: int, batch: int, extra: int = 0) -> Tensor:
         """The block's relative-position bias plus its shift mask over ``prompts + window`` queries
         and the keys ``attend`` will use (``prompts + window``, then ``extra`` extra keys and the
-        kernel's padding keys, ``attention.key_count``), zero for prompts and extra keys: (1, H, L, K)
+        kernel's padding keys: ``attention.key_count``, ``align_keys``), zero for prompts and extra keys: (1, H, L, K)
         unshifted, (B*nW, H, L, K) shifted. Padded per window before the copy for every image."""
         bias = block.attn._get_rel_pos_bias()  # 1, H, N, N
         if mask is not None:  # nW, N, N: -100 between tokens that were not neighbours before the shift
             bias = bias + mask[:, None].to(bias.dtype)  # nW, H, N, N
         tokens = bias.shape[-1] + prompts
-        keys = key_count(tokens, extra, bias.device)
+        keys = key_count(tokens, extra, bias.device, align=True)
         bias = pad_keys(pad_position_bias(bias, 0, prompts), keys, keys - tokens - extra)
         if mask is not None:
             bias = bias[None].expand(batch, *bias.shape).flatten(0, 1)  # B*nW, H, L, K
@@ -206,7 +206,7 @@ class SwinFamily(Family):
         else:
             bias = None
         position_bias = self.position_bias(block, mask, p, B, 0 if extra_k is None else extra_k.shape[2])
-        a = attend(block.attn, windows, extra_k, extra_v, bias, position_bias=position_bias)
+        a = attend(block.attn, windows, extra_k, extra_v, bias, position_bias=position_bias, align_keys=True)
         if hook is not None:
             a = hook(windows, a)
         x = x + block.drop_path1(self.unwindow(block, a[:, p:], (H, W), padded))
