@@ -253,9 +253,11 @@ METHODS = {
 
 
 def test_methods_cover_every_method():
-    assert set(METHODS) | {"coop"} == set(vptune.METHOD_NAMES)
+    assert set(METHODS) | {"coop", "textual-inversion"} == set(vptune.METHOD_NAMES)  # the text-side ones are refused:
     with pytest.raises(ValueError, match="coop learns the prompt of a text tower: it needs a CLIP backbone"):
         vptune.prompt_model(tiny_swin(), vptune.config_for("coop"), C)
+    with pytest.raises(ValueError, match="textual-inversion learns a word of a text-to-image model's text encoder: use a diffusion backbone"):
+        vptune.prompt_model(tiny_swin(), vptune.config_for("textual-inversion"), C)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
