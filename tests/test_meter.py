@@ -474,3 +474,18 @@ def test_bundled_meter_is_the_bundled_clips_towers_under_fusion_layers(tmp_path)
         torch.testing.assert_close(loaded.text_states(ids, inputs["attention_mask"]), ref)
     with pytest.raises(FileNotFoundError, match="pretrain --arch meter"):
         bundled.load_bundled_meter(tmp_path / "absent.safetensors")
+
+
+def test_meters_minivl_section_sets_the_papers_meter_table_beside_it():
+    from vptune.compare import VL_RECIPES
+    from vptune.report import PAPER_METER, results_minivl_block
+
+    row = {"method": "apt", "lr": 1e-3, "tuned_params": 1000, "extra_gflops": 0.01, "wall_time_s": 1.0, "error": None,
+           "task": "vqa", "test_vqa_score": 50.0, "val_vqa_score": 50.0, "val_top1": None, "test_top1": None}
+    block = results_minivl_block([row], [VL_RECIPES["apt"]], command="c", lr_factors=(1,), backbone="vptune_meter_fmnist",
+                                 specs=["minivl:vqa"], wall_time_s=1.0, complete=False)
+    assert "METER table" in block and "323.31M" in block and "2.31 vs 13.05 (17.7%)" in block and "ViLT" not in block
+    for p in PAPER_METER:
+        parts = [p[k] for k in ("vqa", "nlvr", "ir", "tr")]
+        if None not in parts:
+            assert sum(parts) / 4 == pytest.approx(p["avg"], abs=0.01), p["label"]

@@ -530,7 +530,7 @@ def fewshot(
 @user_errors
 def pretrain(
     out: Optional[Path] = typer.Option(None, help="Folder for the weights and model card (default: the package's)."),
-    arch: str = typer.Option("vit", help="vit: the bundled ViT on Fashion-MNIST; swin: the bundled Swin on Fashion-MNIST; clip: the bundled CLIP on captioned canvases; vilt: the bundled ViLT on captioned canvases (ITM + MLM); sd: the bundled text-to-image model on captioned canvases."),
+    arch: str = typer.Option("vit", help="vit: the bundled ViT on Fashion-MNIST; swin: the bundled Swin on Fashion-MNIST; clip: the bundled CLIP on captioned canvases; vilt: the bundled ViLT on captioned canvases (ITM + MLM); meter: the bundled METER's fusion layers on the bundled CLIP (ITM + MLM); sd: the bundled text-to-image model on captioned canvases."),
     epochs: int = typer.Option(2, help="Passes over the 60,000 Fashion-MNIST training images (vit, swin)."),
     steps: Optional[int] = typer.Option(None, help="Steps (clip: contrastive, 300; vilt: ITM + MLM, 400; sd: denoising, 1000)."),
     batch_size: Optional[int] = typer.Option(None, help="Batch (128; vilt 64 pairs; sd 32 canvases)."),
@@ -546,7 +546,7 @@ def pretrain(
     docs: Optional[Path] = typer.Option(None, help="Folder for the sample grid and loss curve PNGs (sd; default: --out)."),
 ) -> None:
     """Pretrain a bundled model (vptune_vit_fmnist; vptune_swin_fmnist with --arch swin; vptune_clip_fmnist with --arch clip;
-    vptune_vilt_fmnist with --arch vilt; vptune_sd_fmnist with --arch sd) and write its weights and model card."""
+    vptune_vilt_fmnist with --arch vilt; vptune_meter_fmnist with --arch meter; vptune_sd_fmnist with --arch sd) and write its weights and model card."""
     from vptune.backbones.bundled import bundled_weights_path
 
     if arch == "sd":
@@ -560,6 +560,16 @@ def pretrain(
         )
         console.print("samples vs captions (generated / real / chance %): " + ", ".join(
             f"{k} {c['generated']:.1f}/{c['real']:.1f}/{c['chance']:.1f}" for k, c in figures["checks"].items()))
+        return
+    if arch == "meter":
+        from vptune.backbones.pretrain_meter import pretrain_meter
+
+        figures = pretrain_meter(
+            out or bundled_weights_path().parent, steps=steps or 300, batch_size=48 if batch_size is None else batch_size,
+            lr=lr or 1e-3, weight_decay=0.01 if weight_decay is None else weight_decay,
+            warmup_steps=30 if warmup_steps is None else warmup_steps, seed=seed, threads=threads, work_dir=work_dir,
+        )
+        console.print("pretrain-val: " + ", ".join(f"{k} {v:.1f}" for k, v in figures["pretrain_val"].items()))
         return
     if arch == "vilt":
         from vptune.backbones.pretrain_vilt import pretrain_vilt

@@ -328,6 +328,16 @@ PAPER_VILT: tuple[dict[str, Any], ...] = (
     {"method": "apt", "label": "APT", "params": "1.92M", "gflops": 0.91, "vqa": 70.94, "nlvr": 75.92, "ir": 63.26, "tr": 81.60, "avg": 72.93},
     {"method": "linear", "label": "classifier only", "params": "-", "gflops": 0.0, "vqa": None, "nlvr": None, "ir": None, "tr": None, "avg": 66.81},
 )
+PAPER_METER: tuple[dict[str, Any], ...] = (
+    {"method": "full", "label": "full fine-tuning", "params": "323.31M", "gflops": 0.0, "vqa": 77.43, "nlvr": 83.05, "ir": 82.22, "tr": 94.30, "avg": 84.25},
+    {"method": "vpt-deep", "label": "deep prompt", "params": "3.68M", "gflops": 13.05, "vqa": 67.57, "nlvr": 65.79, "ir": 70.90, "tr": 87.70, "avg": 72.99},
+    {"method": "lora", "label": "LoRA", "params": "0.29M", "gflops": 0.0, "vqa": 74.00, "nlvr": 78.82, "ir": 79.86, "tr": 92.60, "avg": 81.32},
+    {"method": "adapter", "label": "adapter", "params": "5.34M", "gflops": 1.64, "vqa": 74.70, "nlvr": 79.93, "ir": 80.38, "tr": 91.90, "avg": 81.73},
+    {"method": "apt", "label": "APT", "params": "3.83M", "gflops": 2.31, "vqa": 75.45, "nlvr": 80.97, "ir": 80.88, "tr": 92.90, "avg": 82.55},
+    {"method": "linear", "label": "classifier only", "params": "-", "gflops": 0.0, "vqa": None, "nlvr": None, "ir": None, "tr": None, "avg": 77.74},
+)
+PAPER_METER_SOURCE = ("the APT paper's METER table (Wu et al., arXiv 2306.15706, also in the official repository's README): "
+                      "METER-CLIP16-RoBERTa on VQAv2, NLVR2 and Flickr30K; full fine-tuning's +GFLOPs not given (0 here)")
 PAPER_SOURCE = ("the APT paper's ViLT table (Wu et al., arXiv 2306.15706, also in the official repository's README): "
                 "ViLT-B/32 on VQAv2, NLVR2 and Flickr30K; tuned parameters without the task heads")
 _FIGURES = (("vqa", "test_vqa_score", "VQA score"), ("nlvr", "test_top1", "NLVR top-1"), ("retrieval", "test_ir_r1", "IR R@1"),
@@ -353,10 +363,18 @@ def minivl_figures(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def minivl_table(rows: Sequence[dict[str, Any]]) -> str:
+def paper_for(backbone: str) -> tuple[tuple[dict[str, Any], ...], str, str]:
+    """The paper's table to set beside a backbone's minivl figures: METER's for a METER (its name
+    says so), else ViLT's; with its source and the model's name."""
+    if "meter" in backbone.lower():
+        return PAPER_METER, PAPER_METER_SOURCE, "METER"
+    return PAPER_VILT, PAPER_SOURCE, "ViLT-B/32"
+
+
+def minivl_table(rows: Sequence[dict[str, Any]], paper_rows: Sequence[dict[str, Any]] = PAPER_VILT) -> str:
     """Ours beside the paper's: methods down; our four figures, average, tuned parameters and
     extra GFLOPs, then the paper's average, parameters and extra GFLOPs for the same method."""
-    paper = {p["method"]: p for p in PAPER_VILT}
+    paper = {p["method"]: p for p in paper_rows}
     lines = []
     for method, f in minivl_figures(rows).items():
         p = paper.get(method)
@@ -369,16 +387,16 @@ def minivl_table(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(header, lines)
 
 
-def paper_vilt_table() -> str:
+def paper_vilt_table(paper_rows: Sequence[dict[str, Any]] = PAPER_VILT) -> str:
     lines = [[p["label"], p["params"], f"{p['gflops']:.2f}", *(_pct(p[k]) for k in ("vqa", "nlvr", "ir", "tr", "avg"))]
-             for p in PAPER_VILT]
+             for p in paper_rows]
     return markdown_table(["method", "params", "+GFLOPs", "VQA", "NLVR2", "IR R@1", "TR R@1", "avg"], lines)
 
 
-def minivl_claims(rows: Sequence[dict[str, Any]]) -> str:
-    """The paper's claims about APT on ViLT, each with the paper's figures and ours."""
+def minivl_claims(rows: Sequence[dict[str, Any]], paper_rows: Sequence[dict[str, Any]] = PAPER_VILT) -> str:
+    """The paper's claims about APT on ViLT (or METER: ``paper_rows``), each with the paper's figures and ours."""
     ours = minivl_figures(rows)
-    paper = {p["method"]: p for p in PAPER_VILT}
+    paper = {p["method"]: p for p in paper_rows}
 
     def avg(method: str) -> float | None:
         return ours.get(method, {}).get("avg")
@@ -395,7 +413,8 @@ def minivl_claims(rows: Sequence[dict[str, Any]]) -> str:
                    "-" if None in (a, d) else f"{a:.2f} vs {d:.2f}", verdict(None if None in (a, d) else a > d)])
     ga, gd = gflops("apt"), gflops("vpt-deep")
     share = None if None in (ga, gd) or not gd else 100 * ga / gd
-    claims.append(["APT adds 17.7% of deep prompts' extra GFLOPs", "0.91 vs 5.14 (17.7%)",
+    pa, pd = paper["apt"]["gflops"], paper["vpt-deep"]["gflops"]
+    claims.append([f"APT adds {100 * pa / pd:.1f}% of deep prompts' extra GFLOPs", f"{pa:.2f} vs {pd:.2f} ({100 * pa / pd:.1f}%)",
                    "-" if share is None else f"{ga:.4f} vs {gd:.4f} ({share:.1f}%)", verdict(None if share is None else share < 100)])
     f = avg("full")
     claims.append(["APT comes within a point of full fine-tuning", f"{paper['apt']['avg']:.2f} vs {paper['full']['avg']:.2f}",
@@ -440,6 +459,7 @@ def results_minivl_block(
     )
     compute = sum((r["wall_time_s"] or 0.0) + r.get("search_time_s", 0.0) for r in rows)
     begin, end = minivl_markers(backbone)
+    paper, source, model = paper_for(backbone)
     data = ", ".join(f"`{s}`" for s in specs)
     return f"""{begin}
 ## `{backbone}`: every method on the three minivl tasks
@@ -456,15 +476,15 @@ retrieval R@1 (`test_ir_r1`, `test_tr_r1`), their average as the paper averages 
 parameters of the VQA run (head, pooler and token types included) and additional inference
 GFLOPs per image-text pair over the frozen backbone with the task head (of the model as run,
 LoRA unmerged). Beside them, the paper's average, parameters and extra GFLOPs for the same
-method on ViLT-B/32 ({PAPER_SOURCE}):
+method on {model} ({source}):
 
-{minivl_table(rows)}
+{minivl_table(rows, paper)}
 
 ### The paper's claims, here
-{minivl_claims(rows)}
+{minivl_claims(rows, paper)}
 
-### The paper's ViLT table ({PAPER_SOURCE})
-{paper_vilt_table()}
+### The paper's {model.split("-")[0]} table ({source})
+{paper_vilt_table(paper)}
 
 ### Every final run (val: the chosen search run's figure; train s: the final run's training time)
 {minivl_runs_table(rows)}
