@@ -411,3 +411,26 @@ def test_command_line_refuses_bad_subject_runs(subject, tmp_path):
     (classification / "config.json").write_text(json.dumps({"method_config": {"method": "linear"}, "num_classes": 2, "backbone": {}}))
     result = runner.invoke(app, ["generate", "--run", str(classification), "--prompt", PROMPT])
     assert result.exit_code == 1 and "is not a generation run" in result.output
+
+
+def test_generate_and_eval_commands_on_a_generation_run(tiny_loader, subject, tmp_path):
+    from typer.testing import CliRunner
+
+    from vptune.cli import app
+
+    run = tmp_path / "run"
+    train(subject, run, epochs=1, method="lora", options={"rank": 2})
+    runner = CliRunner()
+    grid = tmp_path / "grid.png"
+    result = runner.invoke(app, ["generate", "--run", str(run), "--prompt", PROMPT, "--num-images", "2", "--steps", "2",
+                                 "--out", str(grid), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert grid.is_file() and "run" in result.output
+    scores = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", "--run", str(run), "--num-images", "1", "--steps", "2", "--json", str(scores),
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(scores.read_text())
+    assert len(data["prompts"]) == len(data["per_prompt"]) == 4 and all("sks bag" in p for p in data["prompts"])
+    assert all(-1 <= data[k] <= 1 for k in ("subject_dino", "subject_clip", "prompt_clip"))
+    assert data["dino"] == "vptune_vit_fmnist" and data["clip"] == "vptune_clip_fmnist"
