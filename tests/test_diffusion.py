@@ -126,8 +126,9 @@ def test_kv_path_equals_tokens_path_per_site_prompts(backbone, inputs):
 
 
 def test_apt_adds_its_term_to_each_chosen_attention_output(backbone, inputs):
-    """APT's term (docs/methods.md, "APT") checked against an independent transcription with torch
-    hooks on the frozen UNet: u is what enters to_q, a what leaves to_out[0]."""
+    """APT's term (docs/methods.md, "APT: approximated prompt tuning") checked against an
+    independent transcription with torch hooks on the frozen UNet: u is what enters to_q, a what
+    leaves to_out[0]."""
     latents, steps, text = inputs
     for sites in ("self", "cross", "both"):
         model = make(backbone, "apt", sites, num_prompts=5, rank=2)
