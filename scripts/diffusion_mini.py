@@ -33,7 +33,7 @@ ROWS = [
     ("apt-cross", "apt", {"num_prompts": 16}, "cross", 3e-3),
     ("apt-self", "apt", {"num_prompts": 16}, "self", 3e-3),
     ("apt-both", "apt", {"num_prompts": 16}, "both", 3e-3),
-    ("vpt-deep-cross", "vpt-deep", {"num_prompts": 8}, "cross", 3e-3),
+    ("vpt-deep-cross", "vpt-deep", {"num_prompts": 16}, "cross", 3e-3),
     ("lora", "lora", {"rank": 4, "alpha": 4.0}, "both", 1e-3),
     ("textual-inversion", "textual-inversion", {"init_word": "bag"}, "both", 5e-3),
     ("full-dreambooth", "full", {}, "both", 2e-4),
@@ -46,6 +46,17 @@ def command(row: tuple, run: Path, subject: Path, epochs: int, repeats: int) -> 
     return (f'vptune train --backbone vptune_sd_fmnist --method {method} {flags} --sites {sites} --data subject:{subject} '
             f'--prompt "{PROMPT}" --out {run} --epochs {epochs} --repeats {repeats} --batch-size 4 --optimizer adamw '
             f"--lr {lr} --warmup-epochs 0 --weight-decay 0").replace("  ", " ")
+
+
+def markdown_table(results: dict) -> str:
+    """The results table of docs/results-diffusion-mini.md, from the JSON's rows."""
+    lines = ["| method | sites | tuned params | % of UNet | subject DINO | subject CLIP-I | prompt CLIP-T | train time (s) "
+             "| extra GFLOPs / step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, row in results["rows"].items():
+        lines.append(f"| {name} | {row['sites'] if row['method'] in ('apt', 'vpt-deep') else '-'} | {row['tuned_params']:,} | "
+                     f"{row['tuned_percent']:.3g} | {row['subject_dino']:.3f} | {row['subject_clip']:.3f} | {row['prompt_clip']:.3f} | "
+                     f"{row['train_time_s']:.0f} | {row['extra_gflops_per_step']:.4f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -126,6 +137,7 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
         print(f"{name}: " + "  ".join(f"{k} {v:.4g}" for k, v in results["rows"][name].items() if isinstance(v, float)), flush=True)
+    print(markdown_table(results))
     if overview:
         names = list(overview)
         subject, _, _ = subject_images(subject_dir, 32, 1)
