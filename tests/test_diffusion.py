@@ -407,6 +407,8 @@ def test_command_line_refuses_bad_subject_runs(subject, tmp_path):
     result = runner.invoke(app, base + ["--prompt", "a photo of a bag"])
     assert result.exit_code == 1 and "does not contain the identifier 'sks'" in result.output
     assert not out.exists()
+    result = runner.invoke(app, ["train", "--method", "apt", "--data", "mini:count", "--out", str(out), "--sites", "cross"])
+    assert result.exit_code == 1 and "--sites belong to subject-driven generation" in result.output
     classification = tmp_path / "classification"
     classification.mkdir()
     (classification / "config.json").write_text(json.dumps({"method_config": {"method": "linear"}, "num_classes": 2, "backbone": {}}))

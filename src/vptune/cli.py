@@ -167,6 +167,11 @@ def train(
                       class_images=class_images, prior_weight=prior_weight, repeats=repeats, sites=sites, weights=weights,
                       pretrained=pretrained, resume=resume, overwrite=overwrite)
         return
+    given = [flag for flag, value in (("--prompt", prompt), ("--class-prompt", class_prompt), ("--sites", sites),
+                                      ("--class-images", class_images or None)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} belong to subject-driven generation (--data subject:DIR on a text-to-image "
+                         f"backbone); {data} is not a subject folder")
     try:
         with process_group_from_env(cfg.torch_device()) as main:  # DistributedDataParallel under torchrun
             metrics = train_run(
