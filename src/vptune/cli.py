@@ -1011,6 +1011,7 @@ def benchmark_minivl(
     tasks: Optional[str] = typer.Option(None, help="Comma-separated minivl tasks (default: vqa,nlvr,retrieval)."),
     lrs: str = typer.Option("0.3,1,3", help="Learning-rate factors: each method's recipe lr times each is tried on val."),
     epochs: Optional[int] = typer.Option(None, help="Epochs for every run instead of each recipe's own (7)."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per step for every run instead of the recipes' 32."),
     train: Optional[int] = typer.Option(None, help="Train on the first N training examples of each task (default: all 2000)."),
     val: Optional[int] = typer.Option(None, help="Score the first N val examples (default: all 500)."),
     test: Optional[int] = typer.Option(None, help="Score the first N test examples (default: all 1000)."),
@@ -1048,6 +1049,7 @@ def benchmark_minivl(
     out = out or Path(f"benchmark-minivl-{backbone}")
     factors = parse_grid(lrs, float, "--lrs")
     settings = {"eval_every": 0, **({} if epochs is None else {"epochs": epochs})}  # val only at the end
+    settings.update({} if batch_size is None else {"batch_size": batch_size})
     settings.update(tracking_settings(tracker, tracking_uri, out))
     recipes = recipes_for(comma_list(methods) or VL_METHODS, VL_RECIPES, **settings)
     total, done, started = len(specs) * len(recipes), [], time.perf_counter()

@@ -103,17 +103,18 @@ def losses(model: ViltPretrainer, batch: dict[str, Tensor]) -> tuple[Tensor, Ten
 
 
 @torch.no_grad()
-def validate(model: ViltPretrainer, tokenizer, mlm_probability: float = 0.15, batch_size: int = 200) -> dict[str, float]:
-    """ITM and MLM accuracy (%) on ``VAL_PAIRS`` canvases of the pretrain-val pool (fixed draws),
+def validate(model: ViltPretrainer, tokenizer, mlm_probability: float = 0.15, batch_size: int = 200,
+             pairs: int = VAL_PAIRS) -> dict[str, float]:
+    """ITM and MLM accuracy (%) on ``pairs`` canvases of the pretrain-val pool (fixed draws),
     and the MLM accuracy with every canvas blanked: what the text alone lets it fill in."""
     from ..data.minivl import pretraining_corpus
 
-    corpus = pretraining_corpus(VAL_PAIRS, pool="pretrain-val")
+    corpus = pretraining_corpus(pairs, pool="pretrain-val")
     rng, generator = np.random.default_rng(7), torch.Generator().manual_seed(7)
     model.eval()
     counts = dict(itm=0, itm_n=0, mlm=0, blank=0, mlm_n=0)
-    for start in range(0, VAL_PAIRS, batch_size):
-        index = np.arange(start, min(start + batch_size, VAL_PAIRS))
+    for start in range(0, pairs, batch_size):
+        index = np.arange(start, min(start + batch_size, pairs))
         # every canvas twice: with its caption, then with a mismatched one
         batch = itm_mlm_batch(corpus, np.concatenate([index, index]), rng, tokenizer, mlm_probability, generator)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -134,10 +135,10 @@ def validate(model: ViltPretrainer, tokenizer, mlm_probability: float = 0.15, ba
 def pretrain_vilt(
     out: Path, steps: int = 400, batch_size: int = 64, lr: float = 1e-3, vit_lr: float = 3e-4, weight_decay: float = 0.01,
     warmup_steps: int = 50, mlm_probability: float = 0.15, corpus_size: int = 30000, seed: int = 0, threads: int = 1,
-    work_dir: Path | None = None, checkpoint_every: int = 25, log_every: int = 10,
+    work_dir: Path | None = None, checkpoint_every: int = 25, log_every: int = 10, val_pairs: int = VAL_PAIRS,
 ) -> dict:
-    """Pretrain the bundled ViLT; write ``out/vptune_vilt_fmnist.safetensors`` and ``out/VILT_MODEL_CARD.md``.
-    Returns the card's figures."""
+    """Pretrain the bundled ViLT; write ``out/vptune_vilt_fmnist.safetensors`` and ``out/VILT_MODEL_CARD.md``
+    (figures on ``val_pairs`` canvases of the pretrain-val pool). Returns the card's figures."""
     from ..data.minivl import pretraining_corpus
     from ..data.tokenizer import WordTokenizer
     from .loading import load_backbone
@@ -154,7 +155,7 @@ def pretrain_vilt(
     torch.manual_seed(seed)
     model = ViltPretrainer(len(tokenizer))
     init_from_vit(model.vilt, load_backbone())  # the bundled ViT's shipped weights
-    start_figures = validate(model, tokenizer, mlm_probability)
+    start_figures = validate(model, tokenizer, mlm_probability, pairs=val_pairs)
     print("before pretraining: " + ", ".join(f"{k} {v:.1f}" for k, v in start_figures.items()), flush=True)
     from_vit = ("vilt.embeddings.patch_embeddings.", "vilt.embeddings.cls_token", "vilt.embeddings.position_embeddings",
                 "vilt.encoder.", "vilt.layernorm.")
@@ -179,7 +180,7 @@ def pretrain_vilt(
     start, elapsed = train_steps(model, optimizer, loss_at, steps=steps, warmup_steps=warmup_steps, recipe=recipe,
                                  checkpoint_path=work_dir / f"{BUNDLED_VILT}-checkpoint.pt",
                                  checkpoint_every=checkpoint_every, log_every=log_every, batch_size=batch_size)
-    results = validate(model, tokenizer, mlm_probability)
+    results = validate(model, tokenizer, mlm_probability, pairs=val_pairs)
     print("pretrain-val: " + ", ".join(f"{k} {v:.1f}" for k, v in results.items()), flush=True)
     weights_path = out / f"{BUNDLED_VILT}.safetensors"
     state = {f"vilt.{k}": v.contiguous() for k, v in model.vilt.state_dict().items()}
@@ -218,7 +219,7 @@ pretraining heads, `itm.` and `mlm_score.`; the backbone loads `vilt.`).
 `vptune.data.minivl.pretraining_corpus({recipe['corpus_size']}, pool="pretrain")`: captioned canvases of 1 to 4
 Fashion-MNIST items drawn from Fashion-MNIST's train split (the *pretrain* pool), each with one random
 truthful paraphrase of its description. The vision-language benchmark's canvases come from
-Fashion-MNIST's test split only, never these. The figures below are on {VAL_PAIRS} canvases of the
+Fashion-MNIST's test split only, never these. The figures below are on {after['itm_pairs'] // 2} canvases of the
 *pretrain-val* pool (train images 55,000-59,999), also never trained on.
 
 ## Recipe
@@ -244,12 +245,12 @@ ViT, weight decay {recipe['weight_decay']} (none on 1-d tensors), {recipe['warmu
 measures what the caption's own words give away (grammar, the template); the gap to the
 accuracy with the canvases is what the model reads from the picture.
 
-- Wall time: {figures['wall_time_min']:.1f} min of training ({figures['pairs_per_s']:.0f} pairs/s), niced, one thread.
+- Wall time: {figures['wall_time_min']:.1f} min of training ({figures['pairs_per_s']:.0f} pairs/s), niced, one thread, on a machine shared with other jobs (wall time, not CPU time).
 - Machine: {machine()}.
 - Weights: `{BUNDLED_VILT}.safetensors`, {figures['weights_mb']:.1f} MB, float32. Written {now()}.
 
 ## Limitations
-About {figures['wall_time_min']:.0f} minutes of one CPU thread on synthetic grey canvases with a 114-word
+About {figures['wall_time_min']:.0f} minutes (wall) of one niced CPU thread on synthetic grey canvases with a 114-word
 vocabulary: it knows only these canvases' words and pictures. It stands in for ViLT-B/32 (pretrained on
 four million image-text pairs) to compare tuning methods on a CPU, not for ViLT itself.
 
