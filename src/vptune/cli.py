@@ -1004,6 +1004,16 @@ def benchmark_mini(
     console.print(f"results: {results}")
 
 
+def minivl_rows_path(results: Path, backbone: str) -> Path:
+    """The JSON of a backbone's minivl rows: ``results-minivl.json`` for the bundled ViLT, else
+    ``results-minivl-BACKBONE.json`` (its name made file-safe), so no backbone's rows overwrite another's."""
+    import re
+
+    if backbone == "vptune_vilt_fmnist":
+        return results.with_suffix(".json")
+    return results.with_name(f"{results.stem}-{re.sub(r'[^A-Za-z0-9_.-]', '_', backbone)}.json")
+
+
 @benchmark_app.command("minivl")
 @user_errors
 def benchmark_minivl(
@@ -1058,7 +1068,10 @@ def benchmark_minivl(
         block = results_minivl_block(rows, recipes, command=invocation(), lr_factors=factors, backbone=backbone, specs=specs,
                                      wall_time_s=time.perf_counter() - started, complete=len(rows) == total)
         write_results_minivl(results, block, bundled="vptune_vilt_fmnist")
-        write_rows_json(rows, results.with_suffix(".json"))  # what the block's figures were read from
+        write_rows_json(rows, rows_path)  # what the block's figures were read from
+
+    # each backbone's rows in their own file (another backbone's run must not overwrite the bundled ViLT's)
+    rows_path = minivl_rows_path(results, backbone)
 
     def on_run(row: dict[str, Any]) -> None:
         done.append(row)
@@ -1068,7 +1081,7 @@ def benchmark_minivl(
         write(done)
 
     benchmark(specs, recipes, out, lr_factors=factors, weights=weights, on_run=on_run, backbone=backbone)
-    console.print(f"results: {results} and {results.with_suffix('.json')}")
+    console.print(f"results: {results} and {rows_path}")
 
 
 # --- data: build the VTAB-1k and FGVC folders ------------------------------------------------
