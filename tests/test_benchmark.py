@@ -164,3 +164,33 @@ def test_benchmark_vtab1k_quick_end_to_end_through_ray(tmp_path_factory, monkeyp
         import shutil
 
         shutil.rmtree(out, ignore_errors=True)
+
+
+def test_the_readme_commands_parse_and_benchmark_names_its_extra(tmp_path, monkeypatch):
+    """The README's three commands: their options exist, --recipe official covers the methods they
+    name, and without Ray `vptune benchmark` names the pip command instead of failing on an import."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## The papers' benchmarks in three commands", 1)[1].split("\n## ", 1)[0]
+    block = next(b for b in section.split("\n\n") if b.startswith("    "))  # the indented code block
+    commands = " ".join(block.replace("\\\n", " ").split()).split(" vptune ")
+    assert commands[0] == 'pip install -e ".[sweep]"'
+    data_args, bench_args = commands[1].split(), commands[2].split()
+    assert data_args[:2] == ["data", "vtab1k"] and bench_args[:2] == ["benchmark", "vtab1k"]
+    methods = bench_args[bench_args.index("--methods") + 1].split(",")
+    assert bench_args[bench_args.index("--recipe") + 1] == "official"
+    for method in methods:  # --recipe official covers every method named
+        recipe_for(config(tmp_path, recipe="official", methods=methods), method, "dtd")
+    runner = CliRunner()
+    for args in (data_args, bench_args):
+        help_text = runner.invoke(app, [*args[:2], "--help"], terminal_width=400).output
+        for option in (a for a in args[2:] if a.startswith("--")):
+            assert option in help_text, option
+    import vptune.extras
+
+    monkeypatch.setattr(vptune.extras, "installed", lambda module: module != "ray")
+    root = tmp_path / "vtab"
+    root.mkdir()
+    result = runner.invoke(app, ["benchmark", "vtab1k", "--root", str(root), "--methods", "linear"])
+    assert result.exit_code != 0
+    assert 'vptune benchmark vtab1k needs ray[tune], which is not installed here: pip install "vptune[sweep]"' in \
+        " ".join(result.output.split())

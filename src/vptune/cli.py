@@ -1169,6 +1169,7 @@ def benchmark_suite(suite: str, root: Path, methods: str, out: Path, tasks: Opti
                     precision: str, num_workers: int, scheduler: Optional[str], address: Optional[str],
                     num_cpus: Optional[int], cpus_per_trial: float, gpus_per_trial: Optional[float]) -> None:
     """The shared body of ``benchmark vtab1k`` and ``benchmark fgvc``."""
+    require("sweep", purpose=f"vptune benchmark {suite}")
     from vptune.sweep import SweepInterrupted
     from vptune.sweep.suite import BENCHMARK_MD, DEFAULT_SCHEDULER, PLOT, BenchmarkConfig, run_benchmark
 
