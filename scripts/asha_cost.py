@@ -67,9 +67,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seeds", default="42")
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--precision", default="fp32")
     parser.add_argument("--out", type=Path, default=Path("/tmp/asha-cost"))
     parser.add_argument("--json", type=Path, default=Path("docs/asha-cost.json"))
+    parser.add_argument("--replay", action="store_true",
+                        help="train the full grid once with val top-1 after every epoch, then replay ASHA over those "
+                             "curves for every knob setting below (see replay.py); no ASHA training run")
+    parser.add_argument("--grace", default="1,2", help="--replay: grace periods (epochs)")
+    parser.add_argument("--reduction", default="2,3,4", help="--replay: reduction factors")
+    parser.add_argument("--workers", default="1,2,4", help="--replay: trials running at once")
+    parser.add_argument("--orders", default="grid,reversed", help="--replay: order the grid is submitted in")
+    parser.add_argument("--stage", choices=("grid", "all"), default="all", help="--replay: stop after the grid")
+    parser.add_argument("--finals", type=int, default=2,
+                        help="--replay: final runs (train+val, the seeds) for at most this many picks besides the grid's")
     args = parser.parse_args()
+    if args.replay:
+        from asha_replay import replay_main
+
+        replay_main(args)
+        return
     console = Console()
     floats = lambda text: tuple(float(x) for x in text.split(","))  # noqa: E731
     tasks, methods = args.tasks.split(","), args.methods.split(",")
@@ -79,7 +95,7 @@ def main() -> None:
         configs = {
             scheduler: SweepConfig(
                 "vptune_vit_fmnist", method, [f"mini:{t}" for t in tasks], args.out / scheduler / method,
-                train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, warmup_epochs=1, precision="fp32",
+                train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, warmup_epochs=1, precision=args.precision,
                                   device="cpu", scale_lr=True),
                 lr_grid=floats(args.lr_grid), wd_grid=floats(args.wd_grid),
                 seeds=tuple(int(s) for s in args.seeds.split(",")), num_cpus=args.num_cpus, scheduler=scheduler,

@@ -230,3 +230,44 @@ def test_asha_stops_the_losing_search_run_and_the_final_runs_run_to_the_end(tmp_
     assert len(curve) == 3 and curve[1].split(",")[4] != ""  # 2 epochs, val top-1 after epoch 1 too
     final = json.loads((tmp_path / "sweep" / "final" / "digits" / "lr5_wd0" / "seed42" / "metrics.json").read_text())
     assert final["epochs"] == 2 and final["final"]
+
+
+# Per-epoch val top-1 of five grid points (by base lr); lr 0.25 fails (diverges) after epoch 2.
+CURVES = {5.0: [50, 60, 70, 80], 1.0: [40, 90, 90, 90], 0.5: [55, 50, 99, 99], 0.25: [60, 65], 0.1: [45, 70, 75, 76]}
+
+
+def curve_trainer(backbone, method, options, data, folder, cfg, *, on_epoch_end, **kwargs):
+    """Reports a preset val curve instead of training (the scheduler sees only these numbers)."""
+    curve = CURVES[cfg.lr]
+    for epoch, val in enumerate(curve, 1):
+        on_epoch_end({"epoch": epoch, "val_top1": float(val)})
+    if len(curve) < cfg.epochs:
+        raise RuntimeError("diverged")
+    return {"val_top1": float(curve[-1]), "epochs": cfg.epochs}
+
+
+def test_the_asha_replay_makes_the_decisions_ray_tune_makes(tmp_path):
+    """scripts/asha_cost.py --replay prices ASHA settings from the full grid's curves with
+    vptune.sweep.replay; here the same curves go through a real Ray Tune job under --scheduler asha
+    (one trial at a time, so the order is fixed) and both stop the same trials at the same epochs."""
+    from rich.console import Console
+
+    from vptune.sweep.replay import replay_asha
+    from vptune.sweep.tune import RaySession, run_jobs
+
+    config = SweepConfig("vptune_vit_fmnist", "linear", ["mini:digits"], tmp_path / "s",
+                         train=TrainConfig(epochs=4, device="cpu"), lr_grid=tuple(CURVES), wd_grid=(0.0,), seeds=(42,),
+                         num_cpus=1, scheduler="asha", asha_grace_period=1, asha_reduction_factor=2.0)
+    runs = config.search_runs()
+    with RaySession(config, Console(quiet=True)) as session:
+        outcomes = run_jobs(session, [(config, r) for r in runs], "search", curve_trainer)
+    real = [(o.status, o.metrics.get("epoch") if o.status == "stopped" else None) for o in outcomes]
+    # By hand (rungs at epochs 1, 2, 4; cutoff = the median of the values recorded at the rung):
+    # lr 5 is first everywhere; lr 1's 40 < 50; lr 0.5 passes epoch 1 (55 >= 45), not epoch 2 (50 < 60);
+    # lr 0.25 passes both, then fails; lr 0.1's 45 < median(50, 40, 55, 60) = 52.5.
+    assert real == [("done", None), ("stopped", 1), ("stopped", 2), ("failed", None), ("stopped", 1)]
+    replayed = replay_asha([CURVES[r.base_lr] for r in runs], max_t=4, grace_period=1, reduction_factor=2.0, workers=1)
+    assert replayed == [4, 1, 2, 2, 1]
+    # Two at a time: lr 5 and lr 1 reach epoch 1 together; lr 1 (second) is cut by lr 5's 50 as before.
+    assert replay_asha([CURVES[r.base_lr] for r in runs], 4, 1, 2.0, workers=2) == [4, 1, 2, 2, 1]
+    assert replay_asha([CURVES[r.base_lr] for r in runs], 4, 4, 2.0, workers=1) == [4, 4, 4, 2, 4]  # grace 4: none stopped
