@@ -74,8 +74,8 @@ def main() -> None:
 
     from vptune.diffusion.backbone import load_diffusion_backbone
     from vptune.diffusion.metrics import EVAL_TEMPLATES, evaluate_generation, load_encoders
-    from vptune.diffusion.model import TextToImage, tuned_parts
-    from vptune.diffusion.sample import generate, save_grid
+    from vptune.diffusion.model import TextToImage
+    from vptune.diffusion.sample import save_grid
     from vptune.diffusion.subjects import write_subject_folder
     from vptune.diffusion.train import load_generation_run, subject_images, train_generation_run
     from vptune.methods import LinearConfig
@@ -123,8 +123,9 @@ def main() -> None:
         subject, _, _ = subject_images(subject_dir, pipeline.image_size, pipeline.image_channels)
         torch.manual_seed(0)
         grid = args.grids / f"{name}.png"
-        scores = evaluate_generation(model, subject, num_images=4, steps=25, seed=0, dino=dino, clip=clip, grid=str(grid))
-        overview[name] = generate(pipeline, scores["prompts"], num_images=2, steps=25, seed=0, **tuned_parts(model))
+        scores = evaluate_generation(model, subject, num_images=4, steps=25, seed=0, dino=dino, clip=clip, grid=str(grid),
+                                     return_images=True)
+        overview[name] = scores.pop("images").reshape(4, 4, *subject.shape[1:])[:, :2].flatten(0, 1)  # 2 per prompt
         results["rows"][name] = {
             "method": metrics["method"], "options": options, "sites": sites, "lr": lr, "train_loss": metrics.get("train_loss"),
             "tuned_params": metrics["tuned_params"], "tuned_percent": metrics["tuned_percent"],
@@ -142,7 +143,7 @@ def main() -> None:
         names = list(overview)
         subject, _, _ = subject_images(subject_dir, 32, 1)
         images = torch.cat([torch.cat([subject, subject[:4]])] + [overview[n] for n in names])
-        save_grid(images, args.grids / "overview.png", columns=8, scale=3, labels=["subject (training images)"] + names)
+        save_grid(images, args.grids / "overview.png", columns=8, scale=3, labels=["subject: its 4 training images, twice"] + names)
 
 
 if __name__ == "__main__":

@@ -107,10 +107,11 @@ def fidelity(generated: Tensor, texts: list[str], subject: Tensor, dino: nn.Modu
 
 def evaluate_generation(model: Any, subject: Tensor, *, templates: tuple[str, ...] = EVAL_TEMPLATES, num_images: int = 4,
                         steps: int = 25, guidance: float = 3.0, seed: int = 0, dino: nn.Module, clip: nn.Module,
-                        grid: str | None = None) -> dict[str, Any]:
+                        grid: str | None = None, return_images: bool = False) -> dict[str, Any]:
     """Generate ``num_images`` per prompt of ``templates`` (filled with the run's subject, "sks
     bag") with a loaded generation run, and score them against the ``subject`` images: the three
-    metrics over all prompts and per prompt. ``grid``: also write the images as a PNG grid."""
+    metrics over all prompts and per prompt. ``grid``: also write the images as a PNG grid;
+    ``return_images``: the images (N, C, H, W), prompt-major, under ``images``."""
     from ..tasks.generation import class_prompt_of, subject_phrase
     from .model import tuned_parts
     from .sample import generate, save_grid
@@ -130,6 +131,8 @@ def evaluate_generation(model: Any, subject: Tensor, *, templates: tuple[str, ..
     }
     if grid is not None:
         save_grid(images, grid, columns=num_images, scale=2, labels=prompts)
+    if return_images:
+        result["images"] = images
     return result
 
 
