@@ -489,3 +489,23 @@ def test_meters_minivl_section_sets_the_papers_meter_table_beside_it():
         parts = [p[k] for k in ("vqa", "nlvr", "ir", "tr")]
         if None not in parts:
             assert sum(parts) / 4 == pytest.approx(p["avg"], abs=0.01), p["label"]
+
+
+def test_gradient_checkpointing_changes_nothing(meter):
+    runs = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = PromptModel(meter, config_for("apt", num_prompts=4), task=VQATask(["a", "b"])).eval()
+        randomise_(model.method)
+        model.set_grad_checkpointing(recompute)
+        runs.append(grads_of(model, batch()))
+    assert_same_logits_and_grads(*runs, tol=1e-6)
+
+
+def test_deep_prompts_start_as_the_official_baselines(meter):
+    """meter_module_prompt.py: uniform in +-sqrt(6 / (3 * 16 * 16 + 768)), the patch's fan-in and the width."""
+    model = PromptModel(meter, config_for("vpt-deep", num_prompts=50), task=VQATask(["a"]))
+    assert family_of(meter).prompt_fan_in == 3 * PATCH * PATCH
+    bound = (6.0 / (3 * PATCH * PATCH + D)) ** 0.5
+    table = model.method.prompt_embeddings
+    assert table.abs().max() <= bound and table.abs().max() > 0.9 * bound
