@@ -34,7 +34,6 @@ blocks, so nothing flows from one site to the next (VPT-shallow's prompts act at
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import re
 from typing import Any, ClassVar, Iterator

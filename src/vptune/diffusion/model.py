@@ -18,7 +18,6 @@ import contextlib
 import copy
 from typing import Any, Iterator
 
-import torch
 from torch import Tensor, nn
 
 from ..methods.base import Method

@@ -18,7 +18,6 @@ One epoch visits every subject image ``repeats`` times (and every class image on
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
