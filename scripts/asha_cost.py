@@ -78,8 +78,9 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2,4", help="--replay: trials running at once")
     parser.add_argument("--orders", default="grid,reversed", help="--replay: order the grid is submitted in")
     parser.add_argument("--stage", choices=("grid", "all"), default="all", help="--replay: stop after the grid")
-    parser.add_argument("--finals", type=int, default=2,
-                        help="--replay: final runs (train+val, the seeds) for at most this many picks besides the grid's")
+    parser.add_argument("--finals", type=int, default=1,
+                        help="--replay: final runs (train+val, the seeds) for at most this many picks besides the "
+                             "grid's, those of the cheapest settings")
     args = parser.parse_args()
     if args.replay:
         from asha_replay import replay_main

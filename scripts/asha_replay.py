@@ -3,8 +3,8 @@ then ASHA replayed over those curves (``vptune.sweep.replay``) for every grace p
 factor, number of trials at once and submission order asked for. Each setting's pick is compared
 with the full grid's on val (the search run) and on test: the test top-1 of the picked grid
 point's search run (trained on train, every point has one), and for the grid's pick and the
-picks of the settings that use at most 30% of the grid's epochs, the protocol's final run
-(retrained on train+val with the seeds, scored on test).
+picks of the cheapest settings (``--finals``), the protocol's final run (retrained on train+val
+with the seeds, scored on test).
 """
 
 from __future__ import annotations
@@ -92,9 +92,9 @@ def replay_main(args) -> None:
                     "same_pick": pick == grid_winner,
                     "epochs_per_trial": {r.point(): spent_of[r] for r in runs},
                 })
-            # The protocol's final runs for the grid's pick and for up to --finals other picks of the
-            # settings within the goal's epochs (cheapest first); every pick has its search run's test top-1.
-            cheap = sorted((s for s in settings if s["epoch_share"] <= GOAL), key=lambda s: s["epoch_share"])
+            # The protocol's final runs for the grid's pick and for up to --finals other picks, those of the
+            # cheapest settings first; every pick also has its search run's test top-1.
+            cheap = sorted(settings, key=lambda s: s["epoch_share"])
             others = [p for p in dict.fromkeys(s["pick"] for s in cheap) if p != grid_winner.point()][:args.finals]
             picks = [grid_winner] + [next(r for r in runs if r.point() == p) for p in others]
             finals = {}

@@ -35,7 +35,8 @@ SUITES = ("vtab1k", "fgvc")
 GROUPS = ("natural", "specialized", "structured")
 QUICK = {"epochs": 10, "lr_grid": (10.0, 1.0, 0.1), "wd_grid": (0.001, 0.0), "seeds": (42,)}  # and 10 prompts
 # Not ASHA: on two mini tasks it trained 51% of the full grid's epochs, not the 30% asked, and one of its two
-# picks tested 2.1 points below the grid's (docs/performance.md, "The protocol's cost"); --scheduler asha is an option.
+# picks tested 2.1 points below the grid's; for VPT-deep no ASHA setting kept both picks for less than 64% of the
+# epochs (docs/performance.md, "The protocol's cost" and "Beyond the linear probe"); --scheduler asha is an option.
 DEFAULT_SCHEDULER = "none"
 BENCHMARK_JSON, BENCHMARK_MD, PLOT = "benchmark.json", "benchmark.md", "accuracy-vs-params.png"
 
