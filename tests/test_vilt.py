@@ -527,8 +527,13 @@ def test_the_vilt_cost_rows_follow_the_formulas(vilt):
     assert rows["lora"]["tuned_params"] == 3 * 4 * 2 * 8 * D  # rank 8 on query, key, value and output.dense
 
 
-def test_serving_a_vilt_backbone_is_refused_with_the_way_to_use_it(vilt):
+def test_a_vilt_backbone_serves_vision_language_tasks_only(vilt):
+    """A ViLT reads images with text: its tasks are answered by answer_vl (tests/test_server_vl.py);
+    an image-classification run on it is refused with the reason."""
     from vptune.serve.multitask import MultiTaskModel
 
-    with pytest.raises(TypeError, match="vptune predict --run RUN --image FILE --text TEXT"):
-        MultiTaskModel(vilt)
+    served = MultiTaskModel(vilt)
+    task = served.add_model("vqa", PromptModel(vilt, vptune.config_for("apt", num_prompts=2), task=VQATask(["a", "b"])))
+    assert task.reads_text and task.kind == "vqa" and task.labels == ["a", "b"]
+    with pytest.raises(ValueError, match="classifies images, but this backbone \\(vilt\\) reads images with text"):
+        served.add_model("images", PromptModel(vilt, vptune.config_for("linear"), 3))

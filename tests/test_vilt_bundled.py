@@ -81,6 +81,19 @@ def test_a_tiny_pretraining_writes_weights_that_load_by_name(tmp_path, monkeypat
     model = load_backbone("vptune_vilt_fmnist", weights=weights)
     assert family_of(model).name == "vilt" and family_of(model).text_length() == 48
     assert sum(p.numel() for p in model.parameters()) == figures["parameters"]
+    # the pretrained ITM head is not a backbone tensor, but starts a retrieval run's score head (ViLT's recipe)
+    from safetensors.torch import load_file
+
+    from vptune import PromptModel, config_for
+    from vptune.tasks import RetrievalTask, VQATask
+    from vptune.train.run import init_retrieval_head
+
+    itm = {k: v for k, v in load_file(str(weights)).items() if k.startswith("itm.")}
+    retrieval = PromptModel(model, config_for("apt", num_prompts=2), task=RetrievalTask())
+    assert not torch.equal(retrieval.head.weight, itm["itm.weight"][1:])
+    assert init_retrieval_head(retrieval) and retrieval.metadata["head_init"] == "itm"
+    assert torch.equal(retrieval.head.weight, itm["itm.weight"][1:]) and torch.equal(retrieval.head.bias, itm["itm.bias"][1:])
+    assert not init_retrieval_head(PromptModel(model, config_for("apt", num_prompts=2), task=VQATask(["a", "b"])))
 
 
 def test_the_shipped_bundled_vilt_loads_and_answers():

@@ -292,7 +292,9 @@ def load_vilt(spec: str, weights: str | Path | None = None, pretrained: bool = F
 
 
 def load_vilt_state(model: nn.Module, path: Path) -> None:
-    """A safetensors file into ``model``: every backbone tensor must be there and fit."""
+    """A safetensors file into ``model``: every backbone tensor must be there and fit. A file
+    that also holds an image-text-matching head (``itm.weight``, ``itm.bias``: Linear(d, 2),
+    class 1 = match) leaves it on the model as ``itm_head_state``, for the retrieval head."""
     from safetensors.torch import load_file
 
     from .loading import load_state
@@ -300,6 +302,8 @@ def load_vilt_state(model: nn.Module, path: Path) -> None:
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: a ViLT weights file must be .safetensors (or pass a save_pretrained folder)")
     state = load_file(str(path))
+    if {"itm.weight", "itm.bias"} <= set(state):  # a pretrained image-text-matching head (the bundled ViLT's)
+        model.itm_head_state = {"weight": state["itm.weight"], "bias": state["itm.bias"]}  # not a backbone tensor
     if any(k.startswith("vilt.") for k in state):
         state = {k.removeprefix("vilt."): v for k, v in state.items() if k.startswith("vilt.")}
     load_state(model, state, source=str(path))

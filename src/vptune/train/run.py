@@ -122,6 +122,7 @@ def _train(
         torch.manual_seed(cfg.seed)
         model = PromptModel(net, config, task=bundle.make_task(), backbone_train_mode=backbone_train_mode)
         model.metadata.update(tokenizer=words_spec(backbone, weights, pretrained, tokenizer))
+        init_retrieval_head(model)
         bundle.class_names, bundle.skipped = getattr(model.task, "answers", []), []
     else:
         bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images, max_pixels=max_image_pixels,
@@ -262,6 +263,24 @@ def _zeroshot(
                 metrics[f"{split}_top1"] = evaluate(model, dataset, cfg)["top1"]
     write_json(out / METRICS_FILE, metrics)
     return metrics
+
+
+def init_retrieval_head(model: PromptModel) -> bool:
+    """A retrieval run's score head started from the backbone's pretrained image-text-matching
+    head when its weights file has one (the bundled ViLT's), as ViLT fine-tunes retrieval
+    (``RetrievalTask.head_from_itm``: the match row). Returns whether it was."""
+    from ..tasks import RetrievalTask
+
+    itm = getattr(model.backbone, "itm_head_state", None)
+    if model.task.name != "retrieval" or itm is None or itm["weight"].shape != (2, model.family.num_features):
+        return False
+    source = torch.nn.Linear(itm["weight"].shape[1], 2)
+    with torch.no_grad():
+        source.weight.copy_(itm["weight"])
+        source.bias.copy_(itm["bias"])
+        model.head.load_state_dict(RetrievalTask.head_from_itm(source).state_dict())
+    model.metadata["head_init"] = "itm"
+    return True
 
 
 def is_vl_spec(data: str) -> bool:
