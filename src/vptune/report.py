@@ -380,7 +380,7 @@ def minivl_table(rows: Sequence[dict[str, Any]], paper_rows: Sequence[dict[str, 
         p = paper.get(method)
         lines.append([method, *(_pct(v) for v in f["figures"]), _pct(f["avg"]), _count(f["tuned_params"]),
                       "-" if f["extra_gflops"] is None else f"{f['extra_gflops']:.4f}",
-                      "-" if p is None else _pct(p["avg"]), "-" if p is None else p["params"],
+                      "-" if p is None else f"{p['avg']:.2f}", "-" if p is None else p["params"],
                       "-" if p is None else f"{p['gflops']:.2f}"])
     header = ["method", *(label for _, _, label in _FIGURES), "avg", "tuned params", "extra GFLOPs",
               "paper avg", "paper params", "paper +GFLOPs"]
@@ -388,8 +388,8 @@ def minivl_table(rows: Sequence[dict[str, Any]], paper_rows: Sequence[dict[str, 
 
 
 def paper_vilt_table(paper_rows: Sequence[dict[str, Any]] = PAPER_VILT) -> str:
-    lines = [[p["label"], p["params"], f"{p['gflops']:.2f}", *(_pct(p[k]) for k in ("vqa", "nlvr", "ir", "tr", "avg"))]
-             for p in paper_rows]
+    lines = [[p["label"], p["params"], f"{p['gflops']:.2f}", *("-" if p[k] is None else f"{p[k]:.2f}" for k in ("vqa", "nlvr", "ir", "tr", "avg"))]
+             for p in paper_rows]  # the paper's own precision
     return markdown_table(["method", "params", "+GFLOPs", "VQA", "NLVR2", "IR R@1", "TR R@1", "avg"], lines)
 
 
