@@ -509,3 +509,27 @@ def test_deep_prompts_start_as_the_official_baselines(meter):
     bound = (6.0 / (3 * PATCH * PATCH + D)) ** 0.5
     table = model.method.prompt_embeddings
     assert table.abs().max() <= bound and table.abs().max() > 0.9 * bound
+
+
+def test_meter_specs_are_checked_before_building():
+    with pytest.raises(ValueError, match="meter:SIZE"):
+        M.load_meter("meter:big")
+    with pytest.raises(ValueError, match="multiple of METER-B's patch size 16"):
+        M.load_meter("meter:300")
+
+
+def test_the_pretrainer_trains_the_fusion_part_only():
+    from vptune.backbones.meter_bundled import build_bundled_meter
+    from vptune.backbones.pretrain_meter import MeterPretrainer
+
+    words = build_bundled_meter().tokenizer.words
+    model = MeterPretrainer(build_bundled_meter(), len(words))
+    for encoder in (model.meter.vit_model, model.meter.text_transformer):
+        encoder.requires_grad_(False)
+    text = words(["a shirt on the left", "two bags"], padding="max_length", max_length=10, return_tensors="pt")
+    itm, mlm = model(torch.zeros(2, 3, 32, 32), text["input_ids"], text["attention_mask"])
+    assert itm.shape == (2, 2) and mlm.shape == (2, 10, len(words))
+    (itm.sum() + mlm.sum()).backward()
+    assert all(p.grad is None for p in model.meter.vit_model.parameters())
+    assert model.meter.cross_modal_image_layers[0].crossattention.self.key.weight.grad is not None
+    assert model.itm_score.fc.weight.grad is not None
