@@ -30,13 +30,13 @@ PROMPT = "a photo of sks bag"
 # name, method, options, sites, lr
 ROWS = [
     ("frozen", None, {}, "cross", None),
-    ("apt-cross", "apt", {"num_prompts": 16}, "cross", 3e-3),
-    ("apt-self", "apt", {"num_prompts": 16}, "self", 3e-3),
-    ("apt-both", "apt", {"num_prompts": 16}, "both", 3e-3),
-    ("vpt-deep-cross", "vpt-deep", {"num_prompts": 16}, "cross", 3e-3),
-    ("lora", "lora", {"rank": 4, "alpha": 4.0}, "both", 1e-3),
+    ("apt-cross", "apt", {"num_prompts": 16}, "cross", 1e-2),
+    ("apt-self", "apt", {"num_prompts": 16}, "self", 1e-2),
+    ("apt-both", "apt", {"num_prompts": 16}, "both", 1e-2),
+    ("vpt-deep-cross", "vpt-deep", {"num_prompts": 16}, "cross", 1e-2),
+    ("lora", "lora", {"rank": 4, "alpha": 4.0}, "both", 3e-3),
     ("textual-inversion", "textual-inversion", {"init_word": "bag"}, "both", 5e-3),
-    ("full-dreambooth", "full", {}, "both", 2e-4),
+    ("full-dreambooth", "full", {}, "both", 3e-4),
 ]
 
 
