@@ -19,6 +19,7 @@ Each run lives in its own folder under --out: rerun the same command to resume.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import time
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 PROMPT = "a photo of sks bag"
+METRICS = ("subject_dino", "subject_clip", "prompt_clip")
 # name, method, options, sites, lr
 ROWS = [
     ("frozen", None, {}, "cross", None),
@@ -49,13 +51,19 @@ def command(row: tuple, run: Path, subject: Path, epochs: int, repeats: int) -> 
 
 
 def markdown_table(results: dict) -> str:
-    """The results table of docs/results-diffusion-mini.md, from the JSON's rows."""
+    """The results table of docs/results-diffusion-mini.md, from the JSON's rows: each metric's
+    mean over the evaluation seeds, ± their standard deviation where there are several."""
     lines = ["| method | sites | tuned params | % of UNet | subject DINO | subject CLIP-I | prompt CLIP-T | train time (s) "
              "| extra GFLOPs / step |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cell(row: dict, key: str) -> str:
+        mean, std = row.get(f"{key}_mean", row[key]), row.get(f"{key}_std")
+        return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+
     for name, row in results["rows"].items():
         lines.append(f"| {name} | {row['sites'] if row['method'] in ('apt', 'vpt-deep') else '-'} | {row['tuned_params']:,} | "
-                     f"{row['tuned_percent']:.3g} | {row['subject_dino']:.3f} | {row['subject_clip']:.3f} | {row['prompt_clip']:.3f} | "
-                     f"{row['train_time_s']:.0f} | {row['extra_gflops_per_step']:.4f} |")
+                     f"{row['tuned_percent']:.3g} | {cell(row, 'subject_dino')} | {cell(row, 'subject_clip')} | "
+                     f"{cell(row, 'prompt_clip')} | {row['train_time_s']:.0f} | {row['extra_gflops_per_step']:.4f} |")
     return "\n".join(lines)
 
 
@@ -68,6 +76,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--rows", default=",".join(r[0] for r in ROWS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--eval-seeds", default="0", help="generation seeds of the evaluation (the grids: the first)")
     parser.add_argument("--weights", default=None, help="another UNet .safetensors for vptune_sd_fmnist (a check of the script)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -91,11 +100,16 @@ def main() -> None:
     wanted = args.rows.split(",")
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     results.setdefault("rows", {})
+    from vptune.diffusion.backbone import bundled_sd_weights_path
+
+    weights = Path(args.weights) if args.weights else bundled_sd_weights_path()
     results.update(
+        unet_weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
         subject=subject_info, prompt=PROMPT, eval_templates=list(EVAL_TEMPLATES), epochs=args.epochs, repeats=args.repeats,
         machine=platform.machine(), torch=torch.__version__, threads=args.threads,
+        eval_seeds=args.eval_seeds,
         command="PYTHONPATH=src OMP_NUM_THREADS=1 nice -n 10 python scripts/diffusion_mini.py --out /tmp/diffusion-mini "
-                f"--json {args.json} --grids {args.grids}",
+                f"--json {args.json} --grids {args.grids} --eval-seeds {args.eval_seeds}",
     )
     args.grids.mkdir(parents=True, exist_ok=True)
     overview = {}
@@ -123,21 +137,30 @@ def main() -> None:
         subject, _, _ = subject_images(subject_dir, pipeline.image_size, pipeline.image_channels)
         torch.manual_seed(0)
         grid = args.grids / f"{name}.png"
-        scores = evaluate_generation(model, subject, num_images=4, steps=25, seed=0, dino=dino, clip=clip, grid=str(grid),
+        seeds = [int(x) for x in args.eval_seeds.split(",")]
+        scores = evaluate_generation(model, subject, num_images=4, steps=25, seed=seeds[0], dino=dino, clip=clip, grid=str(grid),
                                      return_images=True)
         overview[name] = scores.pop("images").reshape(4, 4, *subject.shape[1:])[:, :2].flatten(0, 1)  # 2 per prompt
+        per_seed = {seeds[0]: {k: scores[k] for k in METRICS}}
+        for seed in seeds[1:]:
+            again = evaluate_generation(model, subject, num_images=4, steps=25, seed=seed, dino=dino, clip=clip)
+            per_seed[seed] = {k: again[k] for k in METRICS}
         results["rows"][name] = {
             "method": metrics["method"], "options": options, "sites": sites, "lr": lr, "train_loss": metrics.get("train_loss"),
             "tuned_params": metrics["tuned_params"], "tuned_percent": metrics["tuned_percent"],
             "extra_gflops_per_step": metrics["extra_gflops"], "train_time_s": metrics["wall_time_s"],
             "subject_dino": scores["subject_dino"], "subject_clip": scores["subject_clip"], "prompt_clip": scores["prompt_clip"],
-            "per_prompt": scores["per_prompt"], "grid": str(grid), "train_command": line,
+            "per_prompt": scores["per_prompt"], "grid": str(grid), "train_command": line, "per_seed": per_seed,
+            **{f"{k}_mean": float(torch.tensor([v[k] for v in per_seed.values()]).mean()) for k in METRICS},
+            **{f"{k}_std": float(torch.tensor([v[k] for v in per_seed.values()]).std()) if len(per_seed) > 1 else None
+               for k in METRICS},
             "eval_command": None if line is None else f"vptune eval --run {run} --num-images 4 --steps 25 --seed 0 --grid {grid}",
             "row_time_s": time.perf_counter() - started,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
         print(f"{name}: " + "  ".join(f"{k} {v:.4g}" for k, v in results["rows"][name].items() if isinstance(v, float)), flush=True)
+    args.json.write_text(json.dumps(results, indent=1))
     print(markdown_table(results))
     if overview:
         names = list(overview)

@@ -143,7 +143,7 @@ def train(
     prior_weight: float = typer.Option(1.0, help="--data subject:DIR: weight of the class-prior images' loss."),
     repeats: int = typer.Option(25, help="--data subject:DIR: visits of each image per epoch."),
     sites: Optional[str] = typer.Option(None, help="Text-to-image backbones: the UNet attention a method acts on: self, cross or both "
-                                        "(default: cross for apt and prompts, both otherwise)."),
+                                        "(default: self for apt, cross for prompts, both otherwise)."),
 ) -> None:
     """Tune a method on a dataset and write the run folder (a subject-driven generation run with --data subject:DIR)."""
     from vptune.train import TrainConfig, train_run

@@ -26,8 +26,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 SUBJECT_PREFIX = "subject:"
-# The attention a method acts on when the run does not say (docs/results-diffusion-mini.md).
-DEFAULT_SITES = {"apt": "cross", "vpt-deep": "cross", "vpt-shallow": "cross", "e2vpt": "cross"}
+# The attention a method acts on when the run does not say: APT in the self-attention, where it
+# gave the best subject fidelity of the three choices on the mini results (docs/results-diffusion-mini.md);
+# prompts in the cross-attention, as extra text states.
+DEFAULT_SITES = {"apt": "self", "vpt-deep": "cross", "vpt-shallow": "cross", "e2vpt": "cross"}
 DEFAULT_REPEATS = 25
 
 
@@ -36,8 +38,9 @@ def is_subject_spec(data: str) -> bool:
 
 
 def default_sites(method: str) -> str:
-    """The sites a method acts on by default: prompts and APT in the cross-attention (chosen by the
-    mini results), everything else (LoRA, full, textual inversion) on every attention."""
+    """The sites a method acts on by default: APT in the self-attention (chosen by the mini
+    results), prompts in the cross-attention, everything else (LoRA, full, textual inversion) on
+    every attention."""
     return DEFAULT_SITES.get(method, "both")
 
 
