@@ -353,8 +353,19 @@ def test_generate_command_writes_a_grid(tmp_path):
     result = CliRunner().invoke(app, ["generate", "--prompt", "a large bag at the center", "--prompt", "a photo of sks bag",
                                       "--num-images", "2", "--steps", "2", "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    assert "wrote" in result.output and "4 images of 32x32" in result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert "wrote" in said and "4 images of 32x32" in said
     assert Image.open(out).size == (2 * (128 + 2) + 2, 2 * (128 + 2 + 14) + 2)
     bad = CliRunner().invoke(app, ["generate", "--prompt", "x", "--backbone", "hf:stable-diffusion-v1-5/stable-diffusion-v1-5",
                                    "--out", str(out)])
-    assert bad.exit_code == 1 and "pass --pretrained" in bad.output
+    assert bad.exit_code == 1 and "pass --pretrained" in " ".join(bad.output.split())
+
+
+def test_conditioning_loss_same_noise_for_every_text(tiny):
+    from vptune.diffusion.pretrain_sd import conditioning_loss
+
+    losses = conditioning_loss(tiny, count=8)
+    assert set(losses) == {"own caption", "another canvas's caption", "empty prompt"}
+    assert all(value > 0 for value in losses.values())
+    assert losses == conditioning_loss(tiny, count=8)  # seeded: the same noise and timesteps
+    assert len(set(losses.values())) == 3  # the texts differ, so do the losses

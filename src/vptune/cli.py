@@ -564,7 +564,7 @@ def pretrain(
             seed=seed, threads=threads, work_dir=work_dir,
         )
         console.print("samples vs captions (generated / real / chance %): " + ", ".join(
-            f"{k} {c['generated']:.1f}/{c['real']:.1f}/{c['chance']:.1f}" for k, c in figures["checks"].items()))
+            f"{k} {c['generated']:.1f}/{c['real']:.1f}/{c['chance']:.1f}" for k, c in figures["checks"].items() if "chance" in c))
         return
     if arch == "meter":
         from vptune.backbones.pretrain_meter import pretrain_meter
