@@ -65,6 +65,14 @@ def test_eval_reproduces_the_runs_own_val_accuracy(trained, workspace):
     assert f"top-1 {val_top1:.2f}%" in result.output
 
 
+def test_eval_without_data_scores_the_data_the_run_was_trained_on(trained, workspace):
+    result = invoke("eval", "--run", trained, "--split", "val")
+    assert result.exit_code == 0, result.output
+    assert f"data: imagefolder:{workspace / 'images'} (the run's own" in " ".join(result.output.split())
+    val_top1 = json.loads((trained / "metrics.json").read_text())["val_top1"]
+    assert f"top-1 {val_top1:.2f}%" in result.output
+
+
 def test_predict_lists_labels_and_names_a_corrupt_file(trained, workspace, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")

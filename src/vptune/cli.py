@@ -226,7 +226,7 @@ def train_subject(backbone: str, method: str, options: dict[str, Any], data: str
 @user_errors
 def eval_(
     run: Path = typer.Option(..., help="Run folder written by vptune train."),
-    data: Optional[str] = typer.Option(None, help="Data SPEC with the run's classes (a generation run: its subject:DIR by default)."),
+    data: Optional[str] = typer.Option(None, help="Data SPEC with the run's classes (default: the data the run was trained on)."),
     split: str = typer.Option("test", help="test, val or train."),
     backbone: Optional[str] = typer.Option(None, help="Backbone SPEC (default: the one the run recorded)."),
     weights: Optional[Path] = typer.Option(None, help="Local backbone weights (default: the ones the run recorded)."),
@@ -253,7 +253,12 @@ def eval_(
         evaluate_generation_cli(run, data, backbone, weights, dino, clip, pretrained, num_images, steps, seed, grid, json_out, device)
         return
     if data is None:
-        raise ValueError("--data is needed: the data SPEC with the run's classes")
+        from vptune.model import read_run_config
+
+        data = read_run_config(run).get("metadata", {}).get("data")
+        if data is None:
+            raise ValueError(f"--data is needed: {run} does not record the data it was trained on")
+        console.print(f"data: {safe(data)} (the run's own; --data to score another)")
 
     model = load_run(run, backbone, weights=weights)
     result = evaluate_run(model, data, split, batch_size=batch_size, device=device, skip_bad_images=skip_bad_images,
