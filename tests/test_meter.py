@@ -241,7 +241,7 @@ def test_which_tensors_get_gradients(meter):
 
 def test_parameter_counts_follow_the_formulas(meter):
     p, r, sites = 7, 4, 4 * LAYERS
-    head = VQATask(["a", "b"]).head(2 * D)
+    head = family_of(meter).task_head(VQATask(["a", "b"]), 2 * D)
     head_count = sum(t.numel() for t in head.parameters())
     also = 2 * (D * D + D) + 2 * D  # two poolers, two token types
     counts = {
@@ -352,6 +352,82 @@ def test_official_checkpoint_loads_exactly(meter, tmp_path, container):
     for key, value in meter.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
     torch.testing.assert_close(fresh(batch()), meter(batch()))
+
+
+class OfficialHeads(nn.Module):
+    """The task heads of ``METERTransformerSS.__init__`` (METER/meter/modules/meter_module.py and
+    heads.py), transcribed literally: ``hs`` the fusion width, ``vs`` the answer count."""
+
+    def __init__(self, hs: int, vs: int) -> None:
+        super().__init__()
+        self.itm_score = nn.Module()
+        self.itm_score.fc = nn.Linear(hs * 2, 2)  # heads.ITMHead(hs * 2)
+        self.vqa_classifier = nn.Sequential(nn.Linear(hs * 2, hs * 2), nn.LayerNorm(hs * 2), nn.GELU(), nn.Linear(hs * 2, vs))
+        self.nlvr2_classifier = nn.Sequential(nn.Linear(hs * 4, hs * 2), nn.LayerNorm(hs * 2), nn.GELU(), nn.Linear(hs * 2, 2))
+        self.rank_output = nn.Linear(hs, 1)
+        self.rank_output.weight.data = self.itm_score.fc.weight.data[1:, :]
+        self.rank_output.bias.data = self.itm_score.fc.bias.data[1:]
+
+
+def run_with_official_heads(meter, tmp_path, task, heads: dict[str, torch.Tensor]) -> PromptModel:
+    """A run's model on a tiny METER loaded from an official-style checkpoint holding ``heads``,
+    its head started as ``vptune train --weights FILE.ckpt`` starts it."""
+    from vptune.train.run import init_pretrained_head
+
+    state = {k: v for k, v in official_state(meter).items() if not k.startswith(M.OFFICIAL_HEADS)}
+    save_lightning({**state, **heads}, tmp_path / "finetuned.ckpt")
+    fresh = tiny_meter(seed=9)
+    fresh.official_heads = M.load_official(fresh, tmp_path / "finetuned.ckpt")
+    torch.manual_seed(0)
+    model = PromptModel(fresh, config_for("linear"), task=task)
+    model.fresh_head = {k: v.clone() for k, v in model.head.state_dict().items()}
+    model.loaded = init_pretrained_head(model)
+    return model
+
+
+def test_official_finetuned_heads_start_the_runs_heads_exactly(meter, tmp_path):
+    from vptune.tasks import RetrievalTask
+
+    official = honest_(OfficialHeads(D, 5), seed=4)
+    official.rank_output.weight.data = official.rank_output.weight.data + 0.5  # fine-tuned away from itm_score's row
+    heads = {k: v.clone() for k, v in official.state_dict().items()}
+    features = torch.randn(3, 2 * D) * 0.7
+    pairs = torch.randn(3, 2 * D) * 0.7
+
+    vqa = run_with_official_heads(meter, tmp_path, VQATask(list("abcde")), heads)
+    assert vqa.loaded and vqa.metadata["head_init"] == "vqa_classifier"
+    assert [tuple(vqa.head[i].weight.shape) for i in (0, 3)] == [(2 * D, 2 * D), (5, 2 * D)]  # METER's widths
+    torch.testing.assert_close(vqa.head(features), official.vqa_classifier(features), rtol=0, atol=0)
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(vqa.eval()(inputs), official.vqa_classifier(vqa.encode(inputs)))
+
+    nlvr = run_with_official_heads(meter, tmp_path, NLVRTask(), heads)
+    assert nlvr.metadata["head_init"] == "nlvr2_classifier"
+    torch.testing.assert_close(nlvr.head(features, pairs), official.nlvr2_classifier(torch.cat([features, pairs], -1)),
+                               rtol=0, atol=0)
+
+    retrieval = run_with_official_heads(meter, tmp_path, RetrievalTask(), heads)  # fine-tuned for retrieval
+    assert retrieval.metadata["head_init"] == "rank_output"
+    torch.testing.assert_close(retrieval.head(features), official.rank_output(features), rtol=0, atol=0)
+    itm_only = {k: v for k, v in heads.items() if k.startswith("itm_score.")}  # pre-trained: the match row
+    retrieval = run_with_official_heads(meter, tmp_path, RetrievalTask(), itm_only)
+    assert retrieval.metadata["head_init"] == "itm_score.fc"
+    assert torch.equal(retrieval.head.weight, official.itm_score.fc.weight[1:]) and torch.equal(retrieval.head.bias, official.itm_score.fc.bias[1:])
+    torch.testing.assert_close(retrieval.head(features)[:, 0], official.itm_score.fc(features)[:, 1])
+    assert not run_with_official_heads(meter, tmp_path, VQATask(list("abcde")), itm_only).loaded  # no VQA head: fresh
+
+
+def test_official_vqa_head_over_other_answers_leaves_a_fresh_head(meter, tmp_path):
+    heads = {k: v for k, v in honest_(OfficialHeads(D, 5), seed=4).state_dict().items()}
+    with pytest.warns(UserWarning, match="answers 5 answers, the task has 3: the run starts a fresh VQA head"):
+        model = run_with_official_heads(meter, tmp_path, VQATask(list("abc")), heads)
+    assert not model.loaded and "head_init" not in model.metadata
+    for key, value in model.fresh_head.items():
+        assert torch.equal(model.head.state_dict()[key], value), key
+    heads["vqa_classifier.0.weight"] = torch.zeros(2 * D, 3 * D)  # not METER's width: refused, naming the tensor
+    with pytest.raises(ValueError, match=r"vqa_classifier does not fit the vqa head: 0.weight \(32, 48\) vs \(32, 32\)"):
+        run_with_official_heads(meter, tmp_path, VQATask(list("abcde")), heads)
 
 
 def test_official_checkpoint_with_wrong_keys_lists_them(meter, tmp_path):

@@ -85,7 +85,7 @@ class PromptModel(nn.Module):
             self.head = build_head(self.head_config, self.family, num_classes, config.head_hidden_layers(), initialise=init_head)
             self.num_classes = num_classes
         else:
-            self.head = task.head(family.num_features)
+            self.head = family.task_head(task, family.num_features)
             self.num_classes = _outputs(self.head)
         self.metadata: dict[str, Any] = {}
         self.grad_checkpointing = False

@@ -112,6 +112,17 @@ class Family:
         """The run's copies of ``also_tuned`` modules, fitted to ``task`` (ViLT: a third token type for NLVR)."""
         return copies
 
+    def task_head(self, task: Any, in_dim: int) -> nn.Module:
+        """A new head of ``task`` on this family's pooled features: the task's own (ViLT's shapes)
+        unless the family's model fine-tunes another shape (METER: hidden width ``in_dim``)."""
+        return task.head(in_dim)
+
+    def pretrained_head(self, task: Any, head: nn.Module) -> str | None:
+        """Load into ``head`` the task head the backbone's weights file brought (an official
+        fine-tuned checkpoint's), when it has one for ``task``; returns what was loaded (recorded
+        as the run's ``head_init``), or None to keep the fresh head."""
+        return None
+
     # --- description ----------------------------------------------------------------------
     @property
     def sites(self) -> list[AttentionSite]:

@@ -373,6 +373,49 @@ class MeterFamily(Family):
             copies["token_type_embeddings"] = grown
         return copies
 
+    # --- task heads ------------------------------------------------------------------------
+    def task_head(self, task: Any, in_dim: int) -> nn.Module:
+        """METER's heads: VQA Linear(d, d), LayerNorm, GELU, Linear(d, answers) and NLVR2
+        Linear(2d, d), LayerNorm, GELU, Linear(d, 2), d the concatenated poolers' width (ViLT's
+        hidden width is 2d); retrieval's score head Linear(d, 1) as ViLT's."""
+        if task.name in ("vqa", "nlvr"):
+            return task.head(in_dim, hidden=in_dim)
+        return task.head(in_dim)
+
+    def pretrained_head(self, task: Any, head: nn.Module) -> str | None:
+        """The official fine-tuned checkpoint's head for ``task`` (``official_heads``,
+        ``load_official``) into ``head``: ``vqa_classifier`` (VQA), ``nlvr2_classifier`` (NLVR),
+        ``rank_output`` or else ``itm_score``'s match row (retrieval, as the official code starts
+        it). A VQA head over another number of answers than the task's is not loaded: the run
+        keeps a fresh head, with a warning (docs/families.md, "METER")."""
+        from ..tasks import RetrievalTask
+
+        official = getattr(self.model, "official_heads", None) or {}
+        for prefix in OFFICIAL_TASK_HEADS.get(task.name, ()):
+            state = {k[len(prefix):]: v for k, v in official.items() if k.startswith(prefix)}
+            if not state:
+                continue
+            if prefix == "itm_score.fc.":
+                itm = nn.Linear(state["weight"].shape[1], 2)
+                itm.load_state_dict(state)
+                state = RetrievalTask.head_from_itm(itm).state_dict()
+            target = head.classifier if prefix == "nlvr2_classifier." else head
+            expected = target.state_dict()
+            if task.name == "vqa" and "3.weight" in state and state["3.weight"].shape[0] != expected["3.weight"].shape[0]:
+                import warnings
+
+                warnings.warn(f"the checkpoint's VQA head answers {state['3.weight'].shape[0]} answers, the task has "
+                              f"{expected['3.weight'].shape[0]}: the run starts a fresh VQA head (its backbone is the "
+                              "checkpoint's)", stacklevel=2)
+                return None
+            wrong = sorted(set(expected) ^ set(state)) + sorted(
+                f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape)
+            if wrong:
+                raise ValueError(f"the checkpoint's {prefix.rstrip('.')} does not fit the {task.name} head: {', '.join(wrong)}")
+            target.load_state_dict(state)
+            return prefix.rstrip(".")
+        return None
+
     # --- the walk ---------------------------------------------------------------------------
     def embed(self, inputs: Mapping[str, Any]) -> tuple[Tensor, MeterAux]:
         """Both streams after the frozen encoders, the transforms and the token types, as one
@@ -512,6 +555,8 @@ OFFICIAL_UNUSED = ("vit_model.positional_embedding", "vit_model.ln_final.", "tex
                    "text_transformer.embeddings.token_type_ids")
 # The official task heads: returned beside the backbone, not part of it.
 OFFICIAL_HEADS = ("vqa_classifier.", "nlvr2_classifier.", "snli_classifier.", "itm_score.", "mlm_score.", "rank_output.")
+# Which official head starts which vptune task's head, in order of preference (MeterFamily.pretrained_head).
+OFFICIAL_TASK_HEADS = {"vqa": ("vqa_classifier.",), "nlvr": ("nlvr2_classifier.",), "retrieval": ("rank_output.", "itm_score.fc.")}
 # Lightning's hyper-parameter container: plain data, read as a dict, never its class.
 INERT_CONTAINERS = {"pytorch_lightning.utilities.parsing.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
                     "lightning.fabric.utilities.data.AttributeDict"}

@@ -13,12 +13,13 @@ from .base import Task, vilt_init_
 
 
 class NLVRHead(nn.Module):
-    """ViLT's NLVR2 classifier on two pooled features: Linear(2d, 2d), LayerNorm, GELU, Linear(2d, 2)."""
+    """ViLT's NLVR2 classifier on two pooled features: Linear(2d, h), LayerNorm, GELU, Linear(h, 2),
+    h = 2d (METER's: h = d, ``hidden``)."""
 
-    def __init__(self, in_dim: int) -> None:
+    def __init__(self, in_dim: int, hidden: int | None = None) -> None:
         super().__init__()
-        self.classifier = vilt_init_(nn.Sequential(nn.Linear(2 * in_dim, 2 * in_dim), nn.LayerNorm(2 * in_dim),
-                                                   nn.GELU(), nn.Linear(2 * in_dim, 2)))
+        h = 2 * in_dim if hidden is None else hidden
+        self.classifier = vilt_init_(nn.Sequential(nn.Linear(2 * in_dim, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, 2)))
 
     def forward(self, pooled0: Tensor, pooled1: Tensor) -> Tensor:
         return self.classifier(torch.cat([pooled0, pooled1], dim=-1))  # B, 2
@@ -29,8 +30,8 @@ class NLVRTask(Task):
     fields = ("image0", "image1", "input_ids", "attention_mask", "label")
     main_metric = "top1"
 
-    def head(self, in_dim: int) -> NLVRHead:
-        return NLVRHead(in_dim)
+    def head(self, in_dim: int, hidden: int | None = None) -> NLVRHead:
+        return NLVRHead(in_dim, hidden)
 
     def loss(self, outputs: Tensor, batch: Mapping[str, Any]) -> Tensor:
         return F.cross_entropy(outputs.float(), batch["label"])

@@ -28,10 +28,11 @@ class VQATask(Task):
             raise ValueError("VQA needs a non-empty answer vocabulary")
         self.answers = list(answers)
 
-    def head(self, in_dim: int) -> nn.Module:
-        """ViLT's VQA classifier: Linear(d, 2d), LayerNorm, GELU, Linear(2d, answers)."""
-        return vilt_init_(nn.Sequential(nn.Linear(in_dim, 2 * in_dim), nn.LayerNorm(2 * in_dim), nn.GELU(),
-                                        nn.Linear(2 * in_dim, len(self.answers))))
+    def head(self, in_dim: int, hidden: int | None = None) -> nn.Module:
+        """ViLT's VQA classifier: Linear(d, h), LayerNorm, GELU, Linear(h, answers), h = 2d
+        (METER's: h = d, ``hidden``)."""
+        h = 2 * in_dim if hidden is None else hidden
+        return vilt_init_(nn.Sequential(nn.Linear(in_dim, h), nn.LayerNorm(h), nn.GELU(), nn.Linear(h, len(self.answers))))
 
     def loss(self, outputs: Tensor, batch: Mapping[str, Any]) -> Tensor:
         targets = batch["vqa_targets"].float()

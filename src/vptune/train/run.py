@@ -122,7 +122,7 @@ def _train(
         torch.manual_seed(cfg.seed)
         model = PromptModel(net, config, task=bundle.make_task(), backbone_train_mode=backbone_train_mode)
         model.metadata.update(tokenizer=words_spec(backbone, weights, pretrained, tokenizer))
-        init_retrieval_head(model)
+        init_retrieval_head(model) or init_pretrained_head(model)
         bundle.class_names, bundle.skipped = getattr(model.task, "answers", []), []
     else:
         bundle = build_data(data, data_config, final=final, skip_bad_images=cfg.skip_bad_images, max_pixels=max_image_pixels,
@@ -280,6 +280,18 @@ def init_retrieval_head(model: PromptModel) -> bool:
         source.bias.copy_(itm["bias"])
         model.head.load_state_dict(RetrievalTask.head_from_itm(source).state_dict())
     model.metadata["head_init"] = "itm"
+    return True
+
+
+def init_pretrained_head(model: PromptModel) -> bool:
+    """A vision-language run's head loaded from the task head its backbone's weights file brought
+    (an official fine-tuned METER checkpoint's), as the family maps it (``Family.pretrained_head``).
+    Returns whether it was."""
+    with torch.no_grad():
+        source = model.family.pretrained_head(model.task, model.head)
+    if source is None:
+        return False
+    model.metadata["head_init"] = source
     return True
 
 
