@@ -609,3 +609,59 @@ def test_the_pretrainer_trains_the_fusion_part_only():
     assert all(p.grad is None for p in model.meter.vit_model.parameters())
     assert model.meter.cross_modal_image_layers[0].crossattention.self.key.weight.grad is not None
     assert model.itm_score.fc.weight.grad is not None
+
+
+def test_a_bundled_meter_vqa_run_predicts_and_serves(tmp_path):
+    """``vptune train`` on the shipped bundled METER, then ``vptune predict`` and the HTTP server on
+    its run: both give the run's own model's answer (the server refused every METER before)."""
+    import httpx
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    import vptune.train
+    from vptune.cli import app
+    from vptune.data import minivl
+    from vptune.serve.server import BackgroundServer, ServeConfig, create_app, load_tasks
+
+    runner, run = CliRunner(), tmp_path / "tasks" / "vqa"
+    result = runner.invoke(app, ["train", "--backbone", "vptune_meter_fmnist", "--method", "apt", "--num-prompts", "2",
+                                 "--data", "minivl:vqa?train=16&val=4&test=4", "--out", str(run), "--epochs", "1",
+                                 "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    Image.fromarray(minivl.load("vqa")["test"].images[0]).save(tmp_path / "q.png")
+    question = "how many bags are there?"
+    model = vptune.train.load_run(run)
+    answers = vptune.train.predict_vl(model, [tmp_path / "q.png"], question, top_k=3)
+    result = runner.invoke(app, ["predict", "--run", str(run), "--image", str(tmp_path / "q.png"), "--text", question])
+    assert result.exit_code == 0, result.output
+    assert f"{question}: {answers['top'][0][0]} (" in result.output
+
+    served, skipped = load_tasks(model.backbone, tmp_path / "tasks")
+    assert not skipped and served.task("vqa").kind == "vqa"
+    with BackgroundServer(create_app(served, ServeConfig(max_batch=4, max_wait_ms=10))) as server, \
+            httpx.Client(base_url=server.url, timeout=httpx.Timeout(30.0)) as client:
+        response = client.post("/v1/tasks/vqa/predict", files=[("file", (tmp_path / "q.png").read_bytes())],
+                               data={"text": question}, params={"k": 3})
+        assert response.status_code == 200, response.text
+        predictions = response.json()["predictions"]
+        assert [p["label"] for p in predictions] == [label for label, _ in answers["top"]]  # the run's own answers
+        assert [p["score"] for p in predictions] == pytest.approx([score for _, score in answers["top"]], abs=1e-5)
+        response = client.post("/v1/tasks/vqa/predict", files=[("file", (tmp_path / "q.png").read_bytes())])
+        assert response.status_code == 400 and "form field 'text'" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("method,options", [("vpt-deep", dict(num_prompts=3)), ("e2vpt", dict(num_prompts=2))])
+def test_a_meter_serves_vision_language_tasks_only(meter, method, options):
+    from vptune.serve.multitask import MultiTaskModel
+
+    served = MultiTaskModel(meter)
+    torch.manual_seed(0)
+    model = PromptModel(meter, config_for(method, **options), task=VQATask(["a", "b", "c"]))
+    randomise_(model.method)
+    task = served.add_model("vqa", model)
+    assert task.reads_text and task.labels == ["a", "b", "c"]
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(served.answer_vl("vqa", inputs), model.eval()(inputs))
+    with pytest.raises(ValueError, match="classifies images, but this backbone \\(meter\\) reads images with text"):
+        served.add_model("images", PromptModel(meter, config_for("linear"), 3))

@@ -28,7 +28,7 @@ the tests hold every task's rows to its own ``PromptModel`` output.
 Methods that tune backbone weights (full, partial, BitFit, LoRA) change what every layer
 computes for their images and are refused with the reason.
 
-Vision-language runs (VQA, NLVR, retrieval on a ViLT) are answered by ``answer_vl``: each
+Vision-language runs (VQA, NLVR, retrieval on a ViLT or a METER) are answered by ``answer_vl``: each
 task's own ``PromptModel`` on the shared backbone, one pass per task and batch, since each run
 has its own copies of ViLT's pooler and token types.
 
@@ -197,14 +197,16 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         family = family_of(backbone)
         walker = getattr(family, "trunk_family", family)  # open_clip's timm tower: its trunk's family walks the blocks
-        if not isinstance(walker, SequenceFamily) and not hasattr(walker, "grid_walk"):
+        # A vision-language backbone serves only vision-language tasks, each answered by its own
+        # PromptModel (answer_vl), so it needs no mixed walk (METER's two streams have none).
+        if not family.reads_text and not isinstance(walker, SequenceFamily) and not hasattr(walker, "grid_walk"):
             raise TypeError(
-                f"mixed-task serving walks token-sequence families (ViT, Eva, BEiT, open_clip) and Swin; "
-                f"{walker.name} is neither"
+                f"mixed-task serving walks token-sequence families (ViT, Eva, BEiT, open_clip) and Swin, and serves "
+                f"vision-language families (ViLT, METER); {walker.name} is none of them"
             )
         self.family = family  # embedding and pooling (open_clip's tower adds its projection)
         self.walker = walker  # the blocks
-        self.windows = not isinstance(walker, SequenceFamily)  # Swin: extra keys in every window of a grid
+        self.windows = not isinstance(walker, SequenceFamily) and not family.reads_text  # Swin: extra keys in every window of a grid
         backbone.requires_grad_(False)
         self.backbone = backbone.eval()
         self.tasks = nn.ModuleDict()  # "task_NAME": a task may be called "half" or "train", which ModuleDict has
