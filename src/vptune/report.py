@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 from datetime import datetime, timezone
@@ -393,13 +394,40 @@ def paper_vilt_table(paper_rows: Sequence[dict[str, Any]] = PAPER_VILT) -> str:
     return markdown_table(["method", "params", "+GFLOPs", "VQA", "NLVR2", "IR R@1", "TR R@1", "avg"], lines)
 
 
-def minivl_claims(rows: Sequence[dict[str, Any]], paper_rows: Sequence[dict[str, Any]] = PAPER_VILT) -> str:
-    """The paper's claims about APT on ViLT (or METER: ``paper_rows``), each with the paper's figures and ours."""
+def minivl_test_sizes(specs: Sequence[str]) -> dict[str, int]:
+    """Test examples per minivl task from the benchmark's data specs (``?test=N``; else the full split)."""
+    from urllib.parse import parse_qs
+
+    from .data.minivl import SPLITS
+
+    sizes = {}
+    for spec in specs:
+        name, _, query = spec.partition(":")[2].partition("?")
+        sizes[name] = int(parse_qs(query).get("test", [SPLITS["test"]])[0])
+    return sizes
+
+
+def average_noise(figures: Sequence[float], sizes: Sequence[int]) -> float:
+    """Standard error (points) of the mean of four test percentages, each a binomial proportion
+    over its own number of test examples (a VQA score is treated as one)."""
+    variance = sum((f / 100) * (1 - f / 100) / n for f, n in zip(figures, sizes)) * 100**2
+    return math.sqrt(variance) / len(figures)
+
+
+def minivl_claims(rows: Sequence[dict[str, Any]], paper_rows: Sequence[dict[str, Any]] = PAPER_VILT,
+                  sizes: dict[str, int] | None = None) -> str:
+    """The paper's claims about APT on ViLT (or METER: ``paper_rows``), each with the paper's figures
+    and ours. An accuracy claim holds (or fails) only when our difference exceeds twice its standard
+    error (``sizes``: test examples per task; default the full splits); else it is "within noise"."""
     ours = minivl_figures(rows)
     paper = {p["method"]: p for p in paper_rows}
+    sizes = {**{task: 1000 for task, _, _ in _FIGURES}, **(sizes or {})}
 
     def avg(method: str) -> float | None:
         return ours.get(method, {}).get("avg")
+
+    def noise(method: str) -> float:
+        return average_noise(ours[method]["figures"], [sizes[task] for task, _, _ in _FIGURES])
 
     def gflops(method: str) -> float | None:
         return ours.get(method, {}).get("extra_gflops")
@@ -407,10 +435,18 @@ def minivl_claims(rows: Sequence[dict[str, Any]], paper_rows: Sequence[dict[str,
     def verdict(value: bool | None) -> str:
         return "not measured" if value is None else "holds" if value else "does not hold"
 
+    def compared(a: str, b: str, margin: float = 0.0) -> str:
+        """Whether avg(a) > avg(b) - margin, beyond twice the standard error of the difference."""
+        x, y = avg(a), avg(b)
+        if None in (x, y):
+            return "not measured"
+        gap, band = x - (y - margin), 2 * math.hypot(noise(a), noise(b))
+        return f"within noise (±{band:.1f})" if abs(gap) <= band else verdict(gap > 0)
+
     claims = []
     a, d = avg("apt"), avg("vpt-deep")
     claims.append(["APT is more accurate than deep prompts", f"{paper['apt']['avg']:.2f} vs {paper['vpt-deep']['avg']:.2f}",
-                   "-" if None in (a, d) else f"{a:.2f} vs {d:.2f}", verdict(None if None in (a, d) else a > d)])
+                   "-" if None in (a, d) else f"{a:.2f} vs {d:.2f}", compared("apt", "vpt-deep")])
     ga, gd = gflops("apt"), gflops("vpt-deep")
     share = None if None in (ga, gd) or not gd else 100 * ga / gd
     pa, pd = paper["apt"]["gflops"], paper["vpt-deep"]["gflops"]
@@ -418,13 +454,13 @@ def minivl_claims(rows: Sequence[dict[str, Any]], paper_rows: Sequence[dict[str,
                    "-" if share is None else f"{ga:.4f} vs {gd:.4f} ({share:.1f}%)", verdict(None if share is None else share < 100)])
     f = avg("full")
     claims.append(["APT comes within a point of full fine-tuning", f"{paper['apt']['avg']:.2f} vs {paper['full']['avg']:.2f}",
-                   "-" if None in (a, f) else f"{a:.2f} vs {f:.2f}", verdict(None if None in (a, f) else a >= f - 1.0)])
+                   "-" if None in (a, f) else f"{a:.2f} vs {f:.2f}", compared("apt", "full", margin=1.0)])
     lo = avg("lora")
     claims.append(["APT is more accurate than LoRA", f"{paper['apt']['avg']:.2f} vs {paper['lora']['avg']:.2f}",
-                   "-" if None in (a, lo) else f"{a:.2f} vs {lo:.2f}", verdict(None if None in (a, lo) else a > lo)])
+                   "-" if None in (a, lo) else f"{a:.2f} vs {lo:.2f}", compared("apt", "lora")])
     c = avg("linear")
     claims.append(["APT is more accurate than the classifier alone", f"{paper['apt']['avg']:.2f} vs {paper['linear']['avg']:.2f}",
-                   "-" if None in (a, c) else f"{a:.2f} vs {c:.2f}", verdict(None if None in (a, c) else a > c)])
+                   "-" if None in (a, c) else f"{a:.2f} vs {c:.2f}", compared("apt", "linear")])
     return markdown_table(["the paper's claim", "paper (avg)", "here (avg)", "here"], claims)
 
 
@@ -481,7 +517,11 @@ method on {model} ({source}):
 {minivl_table(rows, paper)}
 
 ### The paper's claims, here
-{minivl_claims(rows, paper)}
+{minivl_claims(rows, paper, minivl_test_sizes(specs))}
+
+An accuracy claim holds or fails here only when the difference of the two averages exceeds twice
+its standard error (each figure a binomial proportion over its task's test examples); smaller
+differences are "within noise", whatever their sign.
 
 ### The paper's {model.split("-")[0]} table ({source})
 {paper_vilt_table(paper)}
