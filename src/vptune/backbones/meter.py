@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint as recompute
 from ..attention import attend, prompt_keys_values
 from ..methods.base import Method
 from .family import AttentionSite, Family, cached_prompt_keys_values, register_family
+from .vilt import BertAttentionView
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, which METER uses
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -240,26 +241,6 @@ class MeterAux:
     text_length: int
     text_bias: Tensor
     image_bias: Tensor
-
-
-class BertAttentionView:
-    """transformers' ``BertAttention`` under the names ``vptune.attention.attend`` reads. Its
-    ``proj_drop`` is the identity: the walk applies the sublayer's dropout after the
-    attention-output hook (APT sits between ``output.dense`` and that dropout)."""
-
-    proj_drop = nn.Identity()
-
-    def __init__(self, attention: nn.Module) -> None:
-        inner = attention.self
-        self._inner = inner
-        self.q_proj, self.k_proj, self.v_proj = inner.query, inner.key, inner.value
-        self.attn_drop = inner.dropout
-        self.proj = attention.output.dense
-        self.num_heads, self.head_dim = inner.num_attention_heads, inner.attention_head_size
-
-    @property
-    def training(self) -> bool:
-        return self._inner.training
 
 
 SITES_PER_LAYER = 4  # text self, text cross, image self, image cross
@@ -476,7 +457,7 @@ class MeterFamily(Family):
                            context_bias: Tensor | None, method: Method) -> Tensor:
         """``LayerNorm(x + dropout(hook(x, dense(attention))))`` with the site's prompts among the
         keys/values: those of ``x`` (self) or of ``context`` (cross)."""
-        view = BertAttentionView(attention)
+        view = BertAttentionView(attention.self, attention.output)
         B = x.shape[0]
         source_bias = bias if context is None else context_bias  # over the keys' own tokens
         prompts = method.prompts(site, B) if site in method.prompt_layers else None

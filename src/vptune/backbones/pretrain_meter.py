@@ -27,7 +27,7 @@ from ..report import machine, now
 from .bundled import MEAN, STD
 from .meter_bundled import BUNDLED_METER, HIDDEN, LAYERS, build_bundled_meter, fusion_state
 from .pretrain import train_steps
-from .pretrain_vilt import itm_mlm_batch, losses, validate
+from .pretrain_vilt import itm_mlm_batch, itm_mlm_rows, losses, validate
 
 CARD = "METER_MODEL_CARD.md"
 
@@ -131,11 +131,7 @@ def pretrain_meter(
 
 
 def model_card(recipe: dict, figures: dict, command: str) -> str:
-    after, before = figures["pretrain_val"], figures["before"]
-    rows = "\n".join(f"| {label} | {before[key]:.1f} | {after[key]:.1f} |" for key, label in (
-        ("itm_accuracy", "image-text matching accuracy (half matched, half not; chance 50)"),
-        ("mlm_accuracy", "masked-word accuracy"),
-        ("mlm_accuracy_blank_image", "masked-word accuracy with every canvas blanked (text alone)")))
+    after, rows = figures["pretrain_val"], itm_mlm_rows(figures)
     return f"""# {BUNDLED_METER}: the bundled METER
 
 METER's architecture (docs/families.md, "METER") at a CPU's size: the bundled CLIP's two towers

@@ -200,12 +200,17 @@ def pretrain_vilt(
     return figures
 
 
-def model_card(recipe: dict, figures: dict, command: str) -> str:
+def itm_mlm_rows(figures: dict) -> str:
+    """The model card's table rows of ``validate``'s figures, before and after pretraining."""
     after, before = figures["pretrain_val"], figures["before"]
-    rows = "\n".join(f"| {label} | {before[key]:.1f} | {after[key]:.1f} |" for key, label in (
+    return "\n".join(f"| {label} | {before[key]:.1f} | {after[key]:.1f} |" for key, label in (
         ("itm_accuracy", "image-text matching accuracy (half matched, half not; chance 50)"),
         ("mlm_accuracy", "masked-word accuracy"),
         ("mlm_accuracy_blank_image", "masked-word accuracy with every canvas blanked (text alone)")))
+
+
+def model_card(recipe: dict, figures: dict, command: str) -> str:
+    after, rows = figures["pretrain_val"], itm_mlm_rows(figures)
     return f"""# {BUNDLED_VILT}: the bundled ViLT
 
 A small transformers `ViltModel` (d=192, {LAYERS} layers, 3 heads, MLP 768; 32x32 canvases in

@@ -38,21 +38,21 @@ MODULE = "transformers.models.vilt.modeling_vilt"
 HF_PREFIX = "hf:"
 
 
-class ViltAttentionView:
-    """ViLT's ``ViltAttention`` under the names ``vptune.attention.attend`` reads (``q_proj``,
-    ``k_proj``, ``v_proj``, ``attn_drop``, ``proj``, ``num_heads``, ``head_dim``). Its
-    ``proj_drop`` is the identity: the block applies ViLT's output dropout itself, after the
-    attention-output hook (APT sits between the output projection and that dropout)."""
+class BertAttentionView:
+    """A BERT-style attention of transformers (ViLT's ``ViltAttention``: ``self_attention`` =
+    ``.attention``; BERT's ``BertAttention`` in METER: ``.self``) under the names
+    ``vptune.attention.attend`` reads (``q_proj``, ``k_proj``, ``v_proj``, ``attn_drop``, ``proj``,
+    ``num_heads``, ``head_dim``). Its ``proj_drop`` is the identity: the walk applies the sublayer's
+    dropout itself, after the attention-output hook (APT sits between ``output.dense`` and that dropout)."""
 
     proj_drop = nn.Identity()
 
-    def __init__(self, attention: nn.Module) -> None:
-        inner = attention.attention
-        self._inner = inner
-        self.q_proj, self.k_proj, self.v_proj = inner.query, inner.key, inner.value
-        self.attn_drop = inner.dropout
-        self.proj = attention.output.dense
-        self.num_heads, self.head_dim = inner.num_attention_heads, inner.attention_head_size
+    def __init__(self, self_attention: nn.Module, output: nn.Module) -> None:
+        self._inner = self_attention
+        self.q_proj, self.k_proj, self.v_proj = self_attention.query, self_attention.key, self_attention.value
+        self.attn_drop = self_attention.dropout
+        self.proj = output.dense
+        self.num_heads, self.head_dim = self_attention.num_attention_heads, self_attention.attention_head_size
 
     @property
     def training(self) -> bool:
@@ -237,7 +237,7 @@ class ViltFamily(SequenceFamily):
         if bias is not None:
             mask = mask + bias
         u = layer.layernorm_before(x)
-        a = attend(ViltAttentionView(layer.attention), u, extra_k, extra_v, mask, queries)  # dense(attention), no dropout
+        a = attend(BertAttentionView(layer.attention.attention, layer.attention.output), u, extra_k, extra_v, mask, queries)  # dense(attention), no dropout
         if queries is not None:
             u, x = u[:, :queries], x[:, :queries]
         if hook is not None:
@@ -247,7 +247,7 @@ class ViltFamily(SequenceFamily):
 
     def prompt_keys_values(self, index: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
         layer = self.blocks[index]
-        return prompt_keys_values(ViltAttentionView(layer.attention), layer.layernorm_before(prompts))
+        return prompt_keys_values(BertAttentionView(layer.attention.attention, layer.attention.output), layer.layernorm_before(prompts))
 
     def pooled_outputs(self) -> int | None:
         return 1
