@@ -18,7 +18,6 @@ and a model card with ITM and MLM accuracy on the pretrain-val pool are written.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -265,25 +264,3 @@ four million image-text pairs) to compare tuning methods on a CPU, not for ViLT 
 ```
 Rerunning the command resumes from the last checkpoint in `$VPTUNE_CACHE/pretrain`.
 """
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Pretrain the bundled ViLT on captioned canvases (ITM + MLM).")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--image-lr", type=float, default=3e-4, help="peak lr of the tensors started from the ViT")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--work-dir", type=Path, default=None)
-    args = parser.parse_args()
-    pretrain_vilt(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, vit_lr=args.image_lr,
-                  weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed, threads=args.threads,
-                  work_dir=args.work_dir)
-
-
-if __name__ == "__main__":
-    main()

@@ -13,7 +13,6 @@ curve and a measured check of the samples (``check_samples``) go into ``SD_MODEL
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -367,25 +366,3 @@ make good pictures.
 Rerunning the command resumes from the last checkpoint in `$VPTUNE_CACHE/pretrain`. Then
 `vptune generate --prompt "a large bag at the center" --num-images 8 --sampler {sampler} --steps {sample_steps} --out grid.png`.
 """
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=f"Pretrain {BUNDLED_SD} on captioned canvases.")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--docs", type=Path, default=None)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--work-dir", type=Path, default=None)
-    args = parser.parse_args()
-    pretrain_sd(args.out, docs=args.docs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed, threads=args.threads,
-                work_dir=args.work_dir)
-
-
-if __name__ == "__main__":
-    main()
