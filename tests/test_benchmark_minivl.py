@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from honest import honest_
-from vptune.cli import app, minivl_rows_path
+from vptune.cli import app, rows_json_path
 from vptune.compare import VL_RECIPES, val_key, val_score
 from vptune.data.images import DataError
 from vptune.methods import config_for
@@ -78,7 +78,7 @@ def test_benchmark_minivl_command_end_to_end(vilt_folder, tmp_path):
             assert {key, "tuned_params", "extra_gflops"} <= set(final)
             if task == "retrieval":
                 assert {"test_ir_r1", "test_tr_r1"} <= set(final)
-    rows = json.loads(minivl_rows_path(results, "hf:tiny").read_text())  # each backbone its own rows file
+    rows = json.loads(rows_json_path(results, "hf:tiny", "vptune_vilt_fmnist").read_text())  # each backbone its own rows file
     assert [(r["task"], r["method"]) for r in rows] == [("vqa", "linear"), ("vqa", "apt"), ("retrieval", "linear"), ("retrieval", "apt")]
     text = results.read_text()
     begin, end = minivl_markers("hf:tiny")
@@ -89,7 +89,7 @@ def test_benchmark_minivl_command_end_to_end(vilt_folder, tmp_path):
     stamp = (out / "runs" / "vqa" / "apt").stat().st_mtime_ns
     again = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200)  # resumes: everything is read back
     assert again.exit_code == 0, again.output
-    assert json.loads(minivl_rows_path(results, "hf:tiny").read_text()) == rows
+    assert json.loads(rows_json_path(results, "hf:tiny", "vptune_vilt_fmnist").read_text()) == rows
     assert (out / "runs" / "vqa" / "apt").stat().st_mtime_ns == stamp
 
 

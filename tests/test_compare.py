@@ -2,6 +2,7 @@
 with random weights and a tiny image folder: rows, resuming, the lr choice, markdown, PNGs."""
 
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -9,11 +10,11 @@ from typer.testing import CliRunner
 
 from conftest import two_class_workspace
 from vptune import compare as comparison
-from vptune.cli import app
+from vptune.cli import app, rows_json_path
 from vptune.compare import BENCHMARK_METHODS, DEMO_METHODS, RECIPES, benchmark, compare, group_means, recipes_for
 from vptune.methods import config_for
 from vptune.report import (
-    ACCURACY_PLOT, BEGIN, CURVES_PLOT, END, results_mini_block, rich_table, write_demo_report, write_results_mini,
+    ACCURACY_PLOT, BEGIN, CURVES_PLOT, END, results_mini_block, rich_table, unstable_final, write_demo_report, write_results_mini,
 )
 from vptune.train import NonFiniteLossError
 
@@ -90,6 +91,32 @@ def test_benchmark_retrains_the_lr_with_the_best_val_on_train_and_val(workspace)
     assert r["val_top1"] == max(r["searched"].values()) and r["searched"][r["lr"]] == r["val_top1"]
     final = json.loads((workspace / "bench" / "runs" / "images" / "linear" / f"final-lr{r['lr']:g}" / "metrics.json").read_text())
     assert final["final"] and r["test_top1"] == final["test_top1"]  # an image folder has no train+val list: train
+    chosen = json.loads((workspace / "bench" / "runs" / "images" / "linear" / f"search-lr{r['lr']:g}" / "metrics.json").read_text())
+    assert r["train_loss"] == final["train_loss"] and r["search_train_loss"] == chosen["train_loss"]
+
+
+def test_a_final_run_that_went_unstable_is_marked_and_explained(demo_rows):
+    """The final retrain's train loss is held to the search run's at the same lr (the LoRA row of
+    the mini benchmark whose retrain at lr 0.009 ended at 2.17 against 0.056 and tested 20.5%)."""
+    steady = {**demo_rows[0], "train_loss": 0.07, "search_train_loss": 0.056}
+    unstable = {**demo_rows[1], "train_loss": 2.17, "search_train_loss": 0.056}
+    assert not unstable_final(steady) and unstable_final(unstable)
+    assert not unstable_final({**steady, "train_loss": 0.2, "search_train_loss": 0.01})  # 20x, but both small: not marked
+    block = results_mini_block([steady, unstable], tiny(["linear", "vpt-deep"]), command="c", lr_factors=(1, 3),
+                               backbone="vptune_vit_fmnist", wall_time_s=1, complete=True)
+    assert block.count(" †") == 2 and "2.17 against 0.056" in block  # in the summary and the runs table, then the footnote
+    assert f"{unstable['task']} {unstable['method']}" in block.split("† The final run")[1]
+    clean = results_mini_block([steady], tiny(["linear"]), command="c", lr_factors=(1, 3), backbone="vptune_vit_fmnist",
+                               wall_time_s=1, complete=True)
+    assert "†" not in clean
+
+
+def test_each_backbone_has_its_own_rows_file():
+    """The bundled Swin's `benchmark mini` rows must not overwrite the bundled ViT's."""
+    results = Path("docs/results-mini.md")
+    assert rows_json_path(results, "vptune_vit_fmnist", "vptune_vit_fmnist") == Path("docs/results-mini.json")
+    assert rows_json_path(results, "vptune_swin_fmnist", "vptune_vit_fmnist") == Path("docs/results-mini-vptune_swin_fmnist.json")
+    assert rows_json_path(results, "hf:org/model", "vptune_vit_fmnist").name == "results-mini-hf_org_model.json"
 
 
 def test_a_single_lr_factor_trains_only_the_final_run(workspace):

@@ -997,7 +997,9 @@ def benchmark_mini(
         block = results_mini_block(rows, recipes, command=invocation(), lr_factors=factors, backbone=backbone,
                                    wall_time_s=time.perf_counter() - started, complete=len(rows) == total)
         write_results_mini(results, block)
-        write_rows_json(rows, results.with_suffix(".json"))  # what the block's figures were read from
+        write_rows_json(rows, rows_path)  # what the block's figures were read from
+
+    rows_path = rows_json_path(results, backbone, BUNDLED_BACKBONE)  # the bundled Swin's rows must not overwrite the ViT's
 
     def on_run(row: dict[str, Any]) -> None:
         done.append(row)
@@ -1006,15 +1008,15 @@ def benchmark_mini(
 
     rows = benchmark(task_list, recipes, out, lr_factors=factors, weights=weights, on_run=on_run, backbone=backbone)
     Console(width=max(console.width, 120)).print(rich_table(rows, f"mini-benchmark, {backbone}"))
-    console.print(f"results: {results}")
+    console.print(f"results: {results} and {rows_path}")
 
 
-def minivl_rows_path(results: Path, backbone: str) -> Path:
-    """The JSON of a backbone's minivl rows: ``results-minivl.json`` for the bundled ViLT, else
-    ``results-minivl-BACKBONE.json`` (its name made file-safe), so no backbone's rows overwrite another's."""
+def rows_json_path(results: Path, backbone: str, bundled: str) -> Path:
+    """The JSON of a backbone's benchmark rows: ``RESULTS.json`` for the bundled backbone, else
+    ``RESULTS-BACKBONE.json`` (its name made file-safe), so no backbone's rows overwrite another's."""
     import re
 
-    if backbone == "vptune_vilt_fmnist":
+    if backbone == bundled:
         return results.with_suffix(".json")
     return results.with_name(f"{results.stem}-{re.sub(r'[^A-Za-z0-9_.-]', '_', backbone)}.json")
 
@@ -1076,7 +1078,7 @@ def benchmark_minivl(
         write_rows_json(rows, rows_path)  # what the block's figures were read from
 
     # each backbone's rows in their own file (another backbone's run must not overwrite the bundled ViLT's)
-    rows_path = minivl_rows_path(results, backbone)
+    rows_path = rows_json_path(results, backbone, "vptune_vilt_fmnist")
 
     def on_run(row: dict[str, Any]) -> None:
         done.append(row)

@@ -170,7 +170,7 @@ def val_score(metrics: dict[str, Any]) -> float | None:
 
 def row(spec: str, recipe: Recipe, metrics: dict[str, Any], folder: Path, **extra: Any) -> dict[str, Any]:
     """One table row: what was run and what it scored (None where the run diverged)."""
-    keys = ("val_top1", "test_top1", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s", "images_per_s")
+    keys = ("val_top1", "test_top1", "train_loss", "tuned_params", "tuned_percent", "extra_gflops", "wall_time_s", "images_per_s")
     task_keys = {key: metrics.get(key) for key in VL_KEYS if key in metrics}
     return {"task": task_name(spec), "group": task_group(spec), "method": recipe.method, "lr": recipe.train.lr,
             **{key: metrics.get(key) for key in keys}, **task_keys, "error": metrics.get("error"), "run": str(folder), **extra}
@@ -212,8 +212,9 @@ def benchmark(
     """For each task and recipe: search the lr on val, retrain the winner on train+val, report test.
 
     Returns one row per (task, method) from its final run, with ``val_top1`` of the chosen
-    search run, ``searched`` {lr: val top-1} and ``search_time_s`` (the search runs' training
-    time). ``on_run(row)`` follows every finished (task, method), so a caller can rewrite its
+    search run, ``searched`` {lr: val top-1}, ``search_time_s`` (the search runs' training
+    time) and ``search_train_loss`` (the chosen search run's last train loss, which the final
+    run's is held to: see ``report.unstable_final``). ``on_run(row)`` follows every finished (task, method), so a caller can rewrite its
     results after each one."""
     rows = []
     for spec in map(task_spec, tasks):
@@ -221,11 +222,13 @@ def benchmark(
             base = Path(out) / "runs" / task_name(spec) / recipe.method
             lrs = [recipe.train.lr * factor for factor in lr_factors]
             searched: dict[float, float | None] = {}
+            search_loss: dict[float, float | None] = {}
             search_time = 0.0
             for lr in lrs if len(lrs) > 1 else ():  # a single lr: nothing to choose, only the final run
                 metrics = run_once(base / f"search-lr{lr:g}", recipe.with_settings(lr=lr), spec,
                                    backbone=backbone, weights=weights, final=False, progress=progress)
                 searched[lr] = val_score(metrics)
+                search_loss[lr] = metrics.get("train_loss")
                 search_time += metrics.get("wall_time_s") or 0.0
             scored = {lr: val for lr, val in searched.items() if val is not None} if len(lrs) > 1 else {lrs[0]: None}
             extra = {"searched": searched, "search_time_s": search_time}
@@ -236,6 +239,7 @@ def benchmark(
                 chosen = recipe.with_settings(lr=best_lr)
                 folder = base / f"final-lr{best_lr:g}"
                 metrics = run_once(folder, chosen, spec, backbone=backbone, weights=weights, final=True, progress=progress)
+                extra["search_train_loss"] = search_loss.get(best_lr)
                 rows.append(row(spec, chosen, {**metrics, val_key(metrics): scored[best_lr]}, folder, **extra))
             if on_run is not None:
                 on_run(rows[-1])
