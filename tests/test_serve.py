@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_vit
 
 from vptune import MultiTaskModel, PromptModel, config_for
+from vptune.serve.multitask import OWN_PASS
 
 # Task name -> (method, options, classes): different methods, prompt counts and prompt paths.
 RUNS = {
@@ -190,7 +191,8 @@ def test_replace_is_atomic_and_a_held_task_keeps_its_run(tmp_path):
 
 # --- the other families: Eva, open_clip's timm tower, Swin -------------------------------------
 
-# Swin's mixed pass takes tasks whose prompts only give keys/values (see test_swin_refuses_...).
+# Swin's mixed pass takes tasks whose prompts only give keys/values; the others get their own
+# pass in the same batch (test_swin_tasks_whose_prompt_tokens_...).
 SWIN_RUNS = ["deep3", "deep5-tokens", "e2vpt", "e2vpt-shared", "apt", "linear", "mlp"]
 
 
@@ -237,19 +239,38 @@ def test_mixed_batch_matches_each_tasks_own_model_on_other_families(family, tmp_
         assert (blank(x[:2]) - torch.stack(model(x[:2], "deep3"))).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize(
-    "name, options",
-    [
-        ("shallow4", None),
-        ("subset", None),
-        ("late", None),
-        ("deep-pooled", ("vpt-deep", dict(num_prompts=3, swin={"pool": True}), 3)),  # the official final pool
-    ],
-)
-def test_swin_refuses_tasks_whose_prompt_tokens_go_through_blocks(name, options, tmp_path):
+# Swin runs whose prompt tokens go through blocks, or into the official code's final pool.
+SWIN_OWN_PASS = {
+    "shallow4": RUNS["shallow4"],
+    "subset": RUNS["subset"],
+    "late": RUNS["late"],
+    "deep-pooled": ("vpt-deep", dict(num_prompts=3, swin={"pool": True}), 3),
+    "shallow-official": ("vpt-shallow", dict(num_prompts=2, swin="official"), 4),  # tiled, window means, pooled
+}
+
+
+def test_swin_tasks_whose_prompt_tokens_go_through_blocks_get_their_own_pass_in_the_batch(tmp_path):
+    """Such Swin runs join the same batches as the mixable ones: each is answered by its own
+    PromptModel over its own rows (once per batch), the others still share the mixed pass, and
+    every row equals its run's own model."""
     backbone = family_backbone("swin-shifted")
-    folder = make_run(backbone, *(options or RUNS[name]), tmp_path / name, 0)
-    model = MultiTaskModel(backbone, {"deep3": make_run(backbone, *RUNS["deep3"], tmp_path / "deep3", 1)})
-    with pytest.raises(ValueError, match=rf"task 'x' \(vpt-\w+\) cannot join a mixed-task batch on Swin: its prompt tokens go through blocks .*serve it on its own"):
-        model.add_task("x", folder)
-    assert model.task_names == ["deep3"]
+    runs = {**{name: RUNS[name] for name in ("deep3", "e2vpt", "apt", "linear")}, **SWIN_OWN_PASS}
+    folders = {name: make_run(backbone, *run, tmp_path / name, seed) for seed, (name, run) in enumerate(runs.items())}
+    model = MultiTaskModel(backbone, folders)
+    assert {name for name in folders if model.task(name).group == OWN_PASS} == set(SWIN_OWN_PASS)
+    calls: dict[str, list[int]] = {}
+    for name in folders:  # a run's own model is called only for an own-pass task
+        model.task(name).model.register_forward_pre_hook(lambda _, args, name=name: calls.setdefault(name, []).append(len(args[0])))
+    names = list(folders)
+    tasks = [names[j % len(names)] for j in range(2 * len(names) + 3)]
+    x = images(len(tasks))
+    out = model(x, tasks)
+    assert calls == {name: [tasks.count(name)] for name in SWIN_OWN_PASS}
+    for name in names:
+        rows = [j for j, t in enumerate(tasks) if t == name]
+        expected = reference(backbone, folders[name], x[rows])
+        torch.testing.assert_close(torch.stack([out[j] for j in rows]), expected, atol=1e-5, rtol=0, msg=f"task {name}")
+    calls.clear()  # a batch of own-pass tasks only: no mixed pass at all
+    alone = model(x[:3], ["shallow4", "late", "shallow4"])
+    assert calls == {"shallow4": [2], "late": [1]}
+    torch.testing.assert_close(torch.stack(alone[::2]), reference(backbone, folders["shallow4"], x[[0, 2]]), atol=1e-5, rtol=0)

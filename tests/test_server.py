@@ -148,6 +148,34 @@ def test_concurrent_requests_across_tasks_are_batched(served):
     assert after["largest_batch"] > 1
 
 
+def test_swin_shallow_and_deep_runs_are_served_side_by_side(tmp_path):
+    """On a Swin, a VPT-shallow run (its prompt tokens go through blocks: its own pass) and a
+    VPT-deep run (the mixed pass) are both served, their concurrent requests share batches,
+    and every answer is the run's own model's."""
+    from test_swin import tiny_swin
+
+    runs = {"shallow": ("vpt-shallow", dict(num_prompts=4), 5), "deep": ("vpt-deep", dict(num_prompts=3), 4)}
+    for seed, (name, run) in enumerate(runs.items()):
+        make_run(tiny_swin(), *run, tmp_path / name, seed)
+    model, skipped = load_tasks(tiny_swin(), tmp_path)
+    assert model.task_names == ["deep", "shallow"] and skipped == []
+    names = ["shallow", "deep"] * 4
+    with BackgroundServer(create_app(model, ServeConfig(max_batch=8, max_wait_ms=300))) as server:
+        responses = asyncio.run(_post_many(server.url, names))
+        health = httpx.get(f"{server.url}/health", timeout=TIMEOUT).json()
+    assert [r.status_code for r in responses] == [200] * len(names)
+    assert health["batches"] < len(names) and health["largest_batch"] > 1
+    own = {name: PromptModel.from_pretrained(tiny_swin(), tmp_path / name).eval() for name in runs}
+    for j, (name, response) in enumerate(zip(names, responses)):
+        transform = eval_transform(own[name].metadata.get("data", ""), backbone_data_config(own[name].backbone))
+        with torch.no_grad():
+            probs = own[name](transform(Image.open(io.BytesIO(png(j))).convert("RGB"))[None])[0].softmax(-1)
+        predictions = response.json()["predictions"]
+        top = probs.topk(len(predictions))
+        assert response.json()["task"] == name and [p["index"] for p in predictions] == top.indices.tolist()
+        np.testing.assert_allclose([p["probability"] for p in predictions], top.values.numpy(), atol=1e-5)
+
+
 def test_overload_gets_503_with_retry_after_and_slow_requests_504(tasks_dir):
     model, _ = load_tasks(tiny_vit(), tasks_dir)
     busy = ServeConfig(max_batch=64, max_wait_ms=1500, max_pending=2)

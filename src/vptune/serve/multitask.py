@@ -28,17 +28,22 @@ the tests hold every task's rows to its own ``PromptModel`` output.
 Methods that tune backbone weights (full, partial, BitFit, LoRA) change what every layer
 computes for their images and are refused with the reason.
 
-Vision-language runs (VQA, NLVR, retrieval on a ViLT or a METER) are answered by ``answer_vl``: each
-task's own ``PromptModel`` on the shared backbone, one pass per task and batch, since each run
-has its own copies of ViLT's pooler and token types.
+Some tasks get their own pass instead (``_own_pass``): the task's own ``PromptModel`` on the
+shared backbone, once per task and batch, over that task's rows only; the other tasks of the
+batch still share the mixed pass. Vision-language runs (VQA, NLVR, retrieval on a ViLT or a
+METER, ``answer_vl``) go this way, since each run has its own copies of ViLT's pooler and token
+types; so do the Swin tasks below.
 
 Families: every token-sequence family (ViT, Eva: EVA-02, DINOv3, RoPE ViTs; BEiT; open_clip's
-own towers, and its timm towers through their trunk's family) walks as above. Swin walks its
-stages with the same banks, each sample's extra keys/values appended in every window of its
-image (``SwinFamily.grid_walk``); a Swin task whose prompt tokens go through a block
-(VPT-shallow, deep prompts in a subset of blocks, the official ``pool=True``) is refused:
-those tokens live in every window and pass patch merging under per-task options, which the
-mixed pass does not re-compose.
+own towers, and its timm towers through their trunk's family) walks as above, every task in the
+mixed pass. Swin walks its stages with the same banks, each sample's extra keys/values appended
+in every window of its image (``SwinFamily.grid_walk``): VPT-deep and E2VPT with prompts in
+every block (the paper's pool), APT, linear and MLP heads share that pass. A Swin task whose
+prompt tokens go through a block (VPT-shallow, deep prompts in a subset of blocks, the official
+``pool=True``) gets its own pass: those tokens live in every window, are carried per window or
+averaged over the windows, are dropped or tiled through patch merging and join the final pool
+or not, all under the task's own ``swin=`` options and prompt count, so mixing them would
+re-write the Swin walk per sample; its own pass costs the same arithmetic for its rows.
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ _NOT_MIXABLE = {
         "updates inside every projection, which the mixed pass does not re-compose"
     ),
 }
+
+
+OWN_PASS = 3  # Task.group of a classification task answered by its own PromptModel within the batch
 
 
 def check_task_name(name: str) -> str:
@@ -121,7 +129,7 @@ class Task:
     num_prompts: int  # prompt tokens per prompted block (0: none)
     key_bias: Tensor | None  # (p,) the method's log-mask on its prompt tokens
     labels: list[str]
-    group: int  # 0: prompt tokens go through some block; 1: extra keys/values only; 2: neither
+    group: int  # 0: prompt tokens go through some block; 1: extra keys/values only; 2: neither; OWN_PASS: its own pass
     banks: dict = dataclasses.field(default_factory=dict, repr=False)  # cached keys/values per device/dtype
     kind: str = "classification"  # or a vision-language task: vqa, nlvr, retrieval
     tokenizer: object = dataclasses.field(default=None, repr=False)  # a vision-language task's text tokenizer
@@ -189,7 +197,8 @@ class MultiTaskModel(nn.Module):
     """Tuned runs (``PromptModel.save_pretrained`` folders) of many tasks on one frozen backbone.
 
     ``forward(images, tasks)`` runs a batch in which sample j belongs to ``tasks[j]`` through
-    one backbone pass and returns one logits vector per sample, over that task's classes.
+    one backbone pass (a Swin task whose prompt tokens go through blocks: its own pass over its
+    rows, beside it) and returns one logits vector per sample, over that task's classes.
     Tasks can be added and removed while serving; the model is for inference only.
     """
 
@@ -300,13 +309,8 @@ class MultiTaskModel(nn.Module):
         names = model.metadata.get("class_names")
         labels = [str(n) for n in names] if isinstance(names, list) and len(names) == model.num_classes else None
         plan = _prompt_plan(layers, depth)
-        if self.windows and ("tokens" in plan or (plan[-1] == "kv" and self.walker.options(method)["pool"])):
-            raise ValueError(
-                f"task {name!r} ({model.config.method_name()}) cannot join a mixed-task batch on Swin: its prompt tokens "
-                "go through blocks (or into the final pool), where they live in every window and pass patch merging, "
-                "which the mixed pass does not re-compose; serve it on its own with PromptModel.from_pretrained, or "
-                "train it with prompts in every block (vpt-deep, e2vpt) and the paper's pool=False"
-            )
+        # Swin prompt tokens through blocks (or into the final pool): the task's own pass (module docstring).
+        own = self.windows and ("tokens" in plan or (plan[-1] == "kv" and self.walker.options(method)["pool"]))
         extra_keys = "kv" in plan or any(method.kv_prompts(i) is not None for i in range(depth))
         kind, tokenizer = model.task.name, None
         if kind != "classification":  # answered by the run's own PromptModel on the shared backbone
@@ -318,7 +322,8 @@ class MultiTaskModel(nn.Module):
             raise ValueError(f"task {name!r} classifies images, but this backbone ({self.family.name}) reads images with text")
         return Task(
             name=name, run_dir=run_dir, model=model, plan=plan, num_prompts=num_prompts, key_bias=key_bias,
-            labels=labels or [str(i) for i in range(model.num_classes)], group=0 if "tokens" in plan else 1 if extra_keys else 2,
+            labels=labels or [str(i) for i in range(model.num_classes)],
+            group=OWN_PASS if own else 0 if "tokens" in plan else 1 if extra_keys else 2,
             kind=kind, tokenizer=tokenizer,
         )
 
@@ -378,23 +383,33 @@ class MultiTaskModel(nn.Module):
             spans = [slice(end - sizes[j], end) for j, end in enumerate(ends)]
             if order != sorted(order):
                 images = images[torch.tensor(order, device=images.device)]
-            x, aux = self.family.embed(images)
-            features = self.family.pooled_features(self._walk(x, aux, info, spans))  # Swin: the grid's pool
+            mixed = sum(task.group < OWN_PASS for task in info)  # own-pass tasks sort last: the mixed rows come first
+            logits = []
+            if mixed:
+                x, aux = self.family.embed(images[: spans[mixed - 1].stop])
+                features = self.family.pooled_features(self._walk(x, aux, info[:mixed], spans[:mixed]))  # Swin: the grid's pool
+                logits = [task.model.head(features[span]) for task, span in zip(info[:mixed], spans)]
+            logits += [self._own_pass(task, images[span]) for task, span in zip(info[mixed:], spans[mixed:])]
             out: list[Tensor | None] = [None] * len(tasks)
-            for task, span in zip(info, spans):
-                for j, row in zip(order[span], task.model.head(features[span])):
+            for span, rows in zip(spans, logits):
+                for j, row in zip(order[span], rows):
                     out[j] = row
             return out  # type: ignore[return-value]
 
     def answer_vl(self, task: Task | str, inputs: Mapping[str, Tensor]) -> Tensor:
         """A vision-language task's head outputs for a batch dict (``image`` or ``image0`` and
-        ``image1``, ``input_ids``, ``attention_mask``): the task's own ``PromptModel`` on the
-        shared backbone, one pass per task (its pooler and token types are its own, so rows of
-        different vision-language tasks are not mixed in one pass)."""
-        with self._lock, torch.no_grad():
+        ``image1``, ``input_ids``, ``attention_mask``): its own pass (its pooler and token types
+        are its own, so rows of different vision-language tasks are not mixed in one pass)."""
+        with self._lock:
             task = task if isinstance(task, Task) else self.task(task)
             if not task.reads_text:
                 raise ValueError(f"task {task.name!r} classifies images: call the model with images")
+            return self._own_pass(task, inputs)
+
+    def _own_pass(self, task: Task, inputs: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """The task's own ``PromptModel`` on the shared frozen backbone, over its rows only: for
+        the tasks whose prompts the mixed pass does not re-compose (module docstring)."""
+        with self._lock, torch.no_grad():
             return task.model(inputs)
 
     def _walk(self, x: Tensor, aux, info: list[Task], spans: list[slice]) -> Tensor:
