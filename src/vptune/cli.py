@@ -553,12 +553,23 @@ def pretrain(
     seed: int = typer.Option(0),
     threads: int = typer.Option(2, help="CPU threads."),
     work_dir: Optional[Path] = typer.Option(None, help="Checkpoint folder (default: the cache); a rerun resumes there."),
-    docs: Optional[Path] = typer.Option(None, help="Folder for the sample grid and loss curve PNGs (sd; default: --out)."),
+    docs: Optional[Path] = typer.Option(None, help="Folder for the figures JSON (<arch>-fmnist-figures.json) and, sd, the sample grid and loss curve PNGs (default: --out)."),
+    evaluate_only: bool = typer.Option(False, "--evaluate-only", help="Train nothing: measure the evaluation figures of the weights in --out again, into the figures JSON in --docs (the run's record in it kept)."),
 ) -> None:
     """Pretrain a bundled model (vptune_vit_fmnist; vptune_swin_fmnist with --arch swin; vptune_clip_fmnist with --arch clip;
-    vptune_vilt_fmnist with --arch vilt; vptune_meter_fmnist with --arch meter; vptune_sd_fmnist with --arch sd) and write its weights and model card."""
+    vptune_vilt_fmnist with --arch vilt; vptune_meter_fmnist with --arch meter; vptune_sd_fmnist with --arch sd) and write its weights, model card and figures JSON."""
     from vptune.backbones.bundled import bundled_weights_path
 
+    if evaluate_only:
+        from vptune.backbones.figures import figures_path, remeasure
+
+        if arch == "sd":
+            require("diffusion", "diffusers", purpose="vptune pretrain --arch sd")
+        folder = out or bundled_weights_path().parent
+        evaluation = remeasure(arch, folder, docs or folder, threads=threads)
+        console.print_json(data=evaluation)
+        console.print(f"wrote {figures_path(docs or folder, arch)}")
+        return
     if arch == "sd":
         require("diffusion", "diffusers", purpose="vptune pretrain --arch sd")
         from vptune.diffusion.pretrain_sd import pretrain_sd
@@ -578,6 +589,7 @@ def pretrain(
             out or bundled_weights_path().parent, steps=steps or 300, batch_size=48 if batch_size is None else batch_size,
             lr=lr or 1e-3, weight_decay=0.01 if weight_decay is None else weight_decay,
             warmup_steps=30 if warmup_steps is None else warmup_steps, seed=seed, threads=threads, work_dir=work_dir,
+            docs=docs,
         )
         console.print("pretrain-val: " + ", ".join(f"{k} {v:.1f}" for k, v in figures["pretrain_val"].items()))
         return
@@ -588,6 +600,7 @@ def pretrain(
             out or bundled_weights_path().parent, steps=steps or 400, batch_size=64 if batch_size is None else batch_size,
             lr=lr or 1e-3, vit_lr=image_lr or 3e-4, weight_decay=0.01 if weight_decay is None else weight_decay,
             warmup_steps=50 if warmup_steps is None else warmup_steps, seed=seed, threads=threads, work_dir=work_dir,
+            docs=docs,
         )
         console.print("pretrain-val: " + ", ".join(f"{k} {v:.1f}" for k, v in figures["pretrain_val"].items()))
         return
@@ -599,7 +612,7 @@ def pretrain(
         figures = pretrain_clip(
             out or bundled_weights_path().parent, steps=steps or 300, batch_size=batch_size, lr=lr or 2e-3, image_lr=image_lr or 2e-4,
             unlocked_blocks=unlocked_blocks, weight_decay=weight_decay, warmup_steps=30 if warmup_steps is None else warmup_steps,
-            seed=seed, threads=threads, work_dir=work_dir,
+            seed=seed, threads=threads, work_dir=work_dir, docs=docs,
         )
         console.print("zero-shot top-1: " + ", ".join(f"{k} {v:.1f}%" for k, v in figures["zero_shot"].items()))
         return
@@ -610,7 +623,7 @@ def pretrain(
     results = run_pretrain(
         out or bundled_weights_path().parent, epochs=epochs, batch_size=batch_size, lr=lr or 1e-3, weight_decay=weight_decay,
         warmup_steps=200 if warmup_steps is None else warmup_steps, label_smoothing=label_smoothing, seed=seed,
-        threads=threads, work_dir=work_dir, arch=arch,
+        threads=threads, work_dir=work_dir, arch=arch, docs=docs,
     )
     console.print(f"Fashion-MNIST test top-1 {results['test_accuracy'] * 100:.2f}% in {results['wall_time_min']:.1f} min")
 

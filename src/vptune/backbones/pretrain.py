@@ -3,13 +3,15 @@ and the step loop (``train_steps``) of the bundled models pretrained on drawn ba
 
 A plain supervised loop: AdamW, linear warm-up then cosine (per step), bf16 autocast, light
 augmentation (random crop with padding, horizontal flip), label smoothing. Writes the backbone
-without its classifier as safetensors, plus a model card with the measured test accuracy.
+without its classifier as safetensors, a model card with the measured test accuracy and the
+figures file (``figures.py``: ``docs/vit-fmnist-figures.json``, ``docs/swin-fmnist-figures.json``).
 A checkpoint is written at the end of every epoch; rerunning the same command resumes there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -25,6 +27,7 @@ from ..data.cache import cache_root
 from ..data.fashion_mnist import load_fashion_mnist
 from ..report import machine, now
 from .bundled import ARCHES, BUNDLED, MEAN, STD, build_bundled
+from .figures import evaluate_command, figures_path, weights_figures, write_figures
 
 _PAD = 2  # 28x28 -> 32x32
 _SHIFT = 2  # random crop: up to 2 px either way
@@ -165,9 +168,11 @@ def pretrain(
     work_dir: Path | None = None,
     log_every: int = 50,
     arch: str = "vit",
+    docs: Path | None = None,
 ) -> dict:
-    """Train the bundled architecture ``arch`` ("vit" or "swin"), write ``out/<name>.safetensors``
-    and its model card (``out/MODEL_CARD.md`` for the ViT, ``out/MODEL_CARD_swin.md`` for the Swin).
+    """Train the bundled architecture ``arch`` ("vit" or "swin"), write ``out/<name>.safetensors``,
+    its model card (``out/MODEL_CARD.md`` for the ViT, ``out/MODEL_CARD_swin.md`` for the Swin) and
+    its figures file in ``docs`` (default ``out``: ``<arch>-fmnist-figures.json``).
 
     Returns the card's figures (test accuracy, wall time, images/s)."""
     if arch not in ARCHES:
@@ -189,13 +194,13 @@ def pretrain(
     torch.manual_seed(seed)
     model = build_bundled(num_classes=10, name=name)
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
-    start_epoch, elapsed = 0, 0.0
+    start_epoch, elapsed, history = 0, 0.0, []  # history: [epoch, mean loss, train accuracy] per epoch
     if checkpoint_path.is_file():
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
         if state["recipe"] == recipe:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            start_epoch, elapsed = state["epoch"], state["elapsed"]
+            start_epoch, elapsed, history = state["epoch"], state["elapsed"], state.get("history", [])
             print(f"resuming after epoch {start_epoch} from {checkpoint_path}", flush=True)
         else:
             print(f"ignoring {checkpoint_path}: it was written with another recipe", flush=True)
@@ -228,17 +233,18 @@ def pretrain(
             correct += (logits.argmax(-1) == y).sum().item()
             loss_sum += loss.item() * len(y)
             if (i + 1) % log_every == 0:
-                now = time.perf_counter()
+                tick = time.perf_counter()
                 print(f"epoch {epoch + 1}/{epochs} step {i + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f} "
                       f"train-acc {correct / seen:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
-                      f"{log_every * batch_size / (now - window_start):.1f} img/s", flush=True)
-                window_start = now
+                      f"{log_every * batch_size / (tick - window_start):.1f} img/s", flush=True)
+                window_start = tick
         epoch_time = time.perf_counter() - epoch_start
         elapsed += epoch_time
         print(f"epoch {epoch + 1} done: loss {loss_sum / seen:.4f} train-acc {correct / seen:.4f} "
               f"{seen / epoch_time:.1f} img/s, {epoch_time / 60:.1f} min", flush=True)
+        history.append([epoch + 1, loss_sum / seen, correct / seen])
         _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                      "elapsed": elapsed, "recipe": recipe}, checkpoint_path)
+                      "elapsed": elapsed, "recipe": recipe, "history": history}, checkpoint_path)
 
     eval_start = time.perf_counter()
     test_accuracy = evaluate(model, test_x, test_y)
@@ -249,24 +255,50 @@ def pretrain(
     weights_path = out / f"{name}.safetensors"
     save_file(backbone, str(weights_path), metadata={
         "architecture": name, "fashion_mnist_test_accuracy": f"{test_accuracy:.4f}"})
-    results = {
-        "test_accuracy": test_accuracy,
-        "wall_time_min": elapsed / 60,
-        "images_per_s": total_steps * batch_size / elapsed,
-        "parameters": sum(v.numel() for v in backbone.values()),
-        "weights_mb": weights_path.stat().st_size / 1e6,
-    }
+    docs = Path(docs or out)
     arch_flag = "" if arch == "vit" else f"--arch {arch} "  # the ViT's command as before
-    command = (f"python -m vptune.backbones.pretrain {arch_flag}--out {out} --epochs {epochs} --batch-size {batch_size} "
-               f"--lr {lr} --weight-decay {weight_decay} --warmup-steps {warmup_steps} "
+    command = (f"python -m vptune.backbones.pretrain {arch_flag}--out {out} --docs {docs} --epochs {epochs} "
+               f"--batch-size {batch_size} --lr {lr} --weight-decay {weight_decay} --warmup-steps {warmup_steps} "
                f"--label-smoothing {label_smoothing} --seed {seed} --threads {threads}")
+    evaluation = weights_figures(weights_path)
+    training = {"command": command, "recipe": recipe, "steps": total_steps, "test_accuracy": test_accuracy,
+                "wall_time_min": elapsed / 60, "images_per_s": total_steps * batch_size / elapsed,
+                "machine": machine(), "written": now(), "history": history}
+    write_figures(docs, arch, name, evaluation, evaluate_command(arch, out, docs), training)
+    results = {**evaluation, **{k: training[k] for k in ("test_accuracy", "wall_time_min", "images_per_s")}}
     card = out / BUNDLED[name].card
-    card.write_text(model_card(recipe, results, command, name=name))
-    print(f"wrote {weights_path} ({results['weights_mb']:.1f} MB) and {card}", flush=True)
+    card.write_text(model_card(recipe, results, command, name=name, docs=docs, out=out))
+    print(f"wrote {weights_path} ({results['weights_mb']:.1f} MB), {card} and {figures_path(docs, arch)}", flush=True)
     return results
 
 
-def model_card(recipe: dict, results: dict, command: str, name: str = ARCHES["vit"]) -> str:
+def remeasure_bundled(out: Path, docs: Path, arch: str = "vit") -> dict:
+    """``vptune pretrain --arch vit|swin --evaluate-only``: load the weights in ``out`` and write
+    their figures file in ``docs``. The test accuracy needs the Fashion-MNIST classifier, which the
+    shipped file drops, so it is not re-measured: where no run's record exists, the figures file
+    takes the one the weights file's metadata holds (written by the run beside the weights)."""
+    from safetensors import safe_open
+
+    from .loading import load_backbone
+
+    name = ARCHES[arch]
+    path = Path(out) / f"{name}.safetensors"
+    load_backbone(name, weights=path)  # the file loads into the architecture, strictly
+    evaluation = weights_figures(path)
+    training = None
+    existing = figures_path(docs, arch)
+    if not existing.is_file() or json.loads(existing.read_text()).get("training") is None:
+        with safe_open(str(path), "pt") as f:
+            recorded = (f.metadata() or {}).get("fashion_mnist_test_accuracy")
+        training = {"test_accuracy": None if recorded is None else float(recorded),
+                    "source": "the weights file's metadata, written by the training run; its other figures are "
+                              "as the model card records them"}
+    write_figures(docs, arch, name, evaluation, evaluate_command(arch, out, docs), training)
+    return evaluation
+
+
+def model_card(recipe: dict, results: dict, command: str, name: str = ARCHES["vit"], docs: Path = Path("docs"),
+               out: Path = Path("src/vptune/weights")) -> str:
     spec = BUNDLED[name]
     arch = ", ".join(f"{k}={v}" for k, v in spec.architecture.items())
     swin = spec.arch == "swin"
@@ -302,8 +334,10 @@ iteration; batch {recipe['batch_size']}, {recipe['epochs']} epochs; bf16 autocas
 random crop 32 from the image padded by 2+2 px (shifts up to 2 px) and horizontal flip; seed {recipe['seed']}.
 
 ## Results
-- Fashion-MNIST test top-1: **{results['test_accuracy'] * 100:.2f}%**
-- Wall time: {results['wall_time_min']:.1f} min ({results['images_per_s']:.0f} training images/s end to end)
+- Fashion-MNIST test top-1: **{results['test_accuracy'] * 100:.2f}%**, measured by the training run with its
+  Fashion-MNIST classifier (the shipped file drops it, so this figure cannot be re-measured from the
+  file; the file's metadata records it).
+- Wall time: {results['wall_time_min']:.1f} min ({results['images_per_s']:.0f} training images/s end to end), as recorded by the training run.
 - Machine: {machine()}.
 - Weights: `{name}.safetensors`, {results['weights_mb']:.1f} MB, float32.
 - Written {now()}.
@@ -320,6 +354,11 @@ compare on a small backbone, not the papers' setting ({setting}).
 ```
 (`vptune pretrain` runs the same function.) Rerunning the command resumes from the last epoch
 checkpoint in `$VPTUNE_CACHE/pretrain` (default `~/.cache/vptune/pretrain`) if one exists.
+The run writes its figures (the recipe, steps, test accuracy, wall time, loss and training
+accuracy per epoch) to `{figures_path(docs, spec.arch)}`.
+`{evaluate_command(spec.arch, out, docs)}` re-measures from the shipped file what can be
+measured without its classifier (parameters, file size) and rewrites that file's `evaluation`
+part; the training figures stay as the run recorded them.
 """
 
 
@@ -336,10 +375,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=None, help="checkpoint folder (default: the cache)")
+    parser.add_argument("--docs", type=Path, default=None, help="folder for the figures JSON (default: --out)")
     args = parser.parse_args()
     pretrain(args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
              warmup_steps=args.warmup_steps, label_smoothing=args.label_smoothing, seed=args.seed,
-             threads=args.threads, work_dir=args.work_dir, arch=args.arch)
+             threads=args.threads, work_dir=args.work_dir, arch=args.arch, docs=args.docs)
 
 
 if __name__ == "__main__":

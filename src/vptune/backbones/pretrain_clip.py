@@ -8,8 +8,10 @@ The image tower starts from the bundled ViT (``clip_bundled.init_from_vit``); it
 stay locked (as in LiT, and so that a CPU spends its time on the new text tower) and its last
 ``unlocked_blocks`` blocks, final norm and projection are tuned at a lower learning rate than
 the new text tower. A checkpoint is written every ``checkpoint_every``
-steps (``pretrain.train_steps``, the loop it shares with the bundled ViLT); rerunning the same command resumes there. At the end the weights and a model card with
-zero-shot accuracies on the mini-benchmark's canvas tasks are written.
+steps (``pretrain.train_steps``, the loop it shares with the bundled ViLT); rerunning the same command resumes there. At the end the weights, a model card with
+zero-shot accuracies on the mini-benchmark's canvas tasks and the figures file
+(``docs/clip-fmnist-figures.json``, ``figures.py``) are written; ``remeasure_clip`` measures the
+zero-shot accuracies again on the shipped weights (``vptune pretrain --arch clip --evaluate-only``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..data.cache import cache_root
 from ..report import machine, now
 from .bundled import MEAN, STD
 from .clip_bundled import BUNDLED_CLIP, build_bundled_clip, clip_config, init_from_vit
+from .figures import evaluate_command, figures_path, weights_figures, write_figures
 from .pretrain import train_steps
 
 ZERO_SHOT_TASKS = ("location", "orientation", "count", "scale")
@@ -87,12 +90,29 @@ def zero_shot(model) -> dict[str, float]:
     return results
 
 
+def evaluate_clip(model, weights_path: Path) -> dict:
+    """The model card's evaluation figures of ``model``, whose weights are the file ``weights_path``."""
+    return {"zero_shot": zero_shot(model), **weights_figures(weights_path)}
+
+
+def remeasure_clip(out: Path, docs: Path) -> dict:
+    """``vptune pretrain --arch clip --evaluate-only``: the evaluation figures of the weights in
+    ``out``, measured again, into ``docs/clip-fmnist-figures.json`` (the run's record kept)."""
+    from .clip_bundled import load_bundled_clip
+
+    path = Path(out) / f"{BUNDLED_CLIP}.safetensors"
+    evaluation = evaluate_clip(load_bundled_clip(path), path)
+    write_figures(docs, "clip", BUNDLED_CLIP, evaluation, evaluate_command("clip", out, docs))
+    return evaluation
+
+
 def pretrain_clip(
     out: Path, steps: int = 300, batch_size: int = 128, lr: float = 2e-3, image_lr: float = 2e-4,
     unlocked_blocks: int = 2, weight_decay: float = 0.05, warmup_steps: int = 30, seed: int = 0, threads: int = 1,
-    work_dir: Path | None = None, checkpoint_every: int = 20, log_every: int = 10,
+    work_dir: Path | None = None, checkpoint_every: int = 20, log_every: int = 10, docs: Path | None = None,
 ) -> dict:
-    """Train the bundled CLIP; write ``out/vptune_clip_fmnist.safetensors`` and ``out/CLIP_MODEL_CARD.md``."""
+    """Train the bundled CLIP; write ``out/vptune_clip_fmnist.safetensors``, ``out/CLIP_MODEL_CARD.md``
+    and the figures file ``clip-fmnist-figures.json`` in ``docs`` (default ``out``)."""
     from .loading import load_backbone
 
     torch.set_num_threads(threads)
@@ -128,26 +148,33 @@ def pretrain_clip(
         return loss, {"scale": model.logit_scale.exp().item()}
 
     print(f"pretraining {BUNDLED_CLIP}: {recipe}, {threads} threads", flush=True)
+    history: list[list[float]] = []
     start, elapsed = train_steps(model, optimizer, loss_at, steps=steps, warmup_steps=warmup_steps, recipe=recipe,
                                  checkpoint_path=checkpoint_path, checkpoint_every=checkpoint_every,
-                                 log_every=log_every, batch_size=batch_size)
+                                 log_every=log_every, batch_size=batch_size, history=history)
 
-    results = zero_shot(model)
-    print("zero-shot top-1: " + ", ".join(f"{k} {v:.1f}%" for k, v in results.items()), flush=True)
     weights_path = out / f"{BUNDLED_CLIP}.safetensors"
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(weights_path), metadata={"architecture": BUNDLED_CLIP})
-    figures = {"zero_shot": results, "wall_time_min": elapsed / 60, "parameters": sum(v.numel() for v in state.values()),
-               "weights_mb": weights_path.stat().st_size / 1e6, "pairs_per_s": (steps - start) * batch_size / max(elapsed, 1e-9)}
-    command = (f"vptune pretrain --arch clip --out {out} --steps {steps} --batch-size {batch_size} --lr {lr} "
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights_path),
+              metadata={"architecture": BUNDLED_CLIP})
+    evaluation = evaluate_clip(model, weights_path)
+    print("zero-shot top-1: " + ", ".join(f"{k} {v:.1f}%" for k, v in evaluation["zero_shot"].items()), flush=True)
+    docs = Path(docs or out)
+    command = (f"vptune pretrain --arch clip --out {out} --docs {docs} --steps {steps} --batch-size {batch_size} --lr {lr} "
                f"--image-lr {image_lr} --unlocked-blocks {unlocked_blocks} --weight-decay {weight_decay} --warmup-steps {warmup_steps} --seed {seed} "
                f"--threads {threads}")
-    (out / "CLIP_MODEL_CARD.md").write_text(model_card(recipe, figures, command))
-    print(f"wrote {weights_path} ({figures['weights_mb']:.1f} MB) and {out / 'CLIP_MODEL_CARD.md'}", flush=True)
+    training = {"command": command, "recipe": recipe, "steps": steps, "resumed_at": start, "wall_time_min": elapsed / 60,
+                "pairs_per_s": (steps - start) * batch_size / max(elapsed, 1e-9), "machine": machine(), "written": now(),
+                "history": history}
+    write_figures(docs, "clip", BUNDLED_CLIP, evaluation, evaluate_command("clip", out, docs), training)
+    figures = {**evaluation, **{k: training[k] for k in ("wall_time_min", "pairs_per_s")}}
+    (out / "CLIP_MODEL_CARD.md").write_text(model_card(recipe, figures, command, evaluate_command("clip", out, docs),
+                                                       figures_path(docs, "clip")))
+    print(f"wrote {weights_path} ({figures['weights_mb']:.1f} MB), {out / 'CLIP_MODEL_CARD.md'} and "
+          f"{figures_path(docs, 'clip')}", flush=True)
     return figures
 
 
-def model_card(recipe: dict, figures: dict, command: str) -> str:
+def model_card(recipe: dict, figures: dict, command: str, remeasure: str, figures_file: Path) -> str:
     config = clip_config(0, 0, 0)
     zs = "\n".join(f"| {task} | {acc:.1f} |" for task, acc in figures["zero_shot"].items())
     return f"""# {BUNDLED_CLIP}: the bundled CLIP
@@ -181,7 +208,7 @@ tasks' test splits, and "kinds": the ten kinds on 1,000 single-item canvases of 
 |---|---:|
 {zs}
 
-- Wall time: {figures['wall_time_min']:.1f} min ({figures['pairs_per_s']:.0f} pairs/s).
+- Wall time: {figures['wall_time_min']:.1f} min ({figures['pairs_per_s']:.0f} pairs/s), as recorded by the training run.
 - Machine: {machine()}.
 - Weights: `{BUNDLED_CLIP}.safetensors`, {figures['weights_mb']:.1f} MB, float32. Written {now()}.
 
@@ -194,7 +221,11 @@ alone is weak (the captions name up to four items, each kind in a crowd of other
 ```
 {command}
 ```
-Rerunning the command resumes from the last checkpoint in `$VPTUNE_CACHE/pretrain`.
+Rerunning the command resumes from the last checkpoint in `$VPTUNE_CACHE/pretrain`. The run writes
+its figures (the zero-shot accuracies above; recipe, steps, wall time and loss history) to
+`{figures_file}`. `{remeasure}` measures the zero-shot
+accuracies again on the shipped weights, with the same code, and rewrites that file's `evaluation`
+part; the training figures (wall time, pairs/s) stay as the run recorded them.
 """
 
 
@@ -211,10 +242,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work-dir", type=Path, default=None)
+    parser.add_argument("--docs", type=Path, default=None, help="folder for the figures JSON (default: --out)")
     args = parser.parse_args()
     pretrain_clip(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, image_lr=args.image_lr,
                   unlocked_blocks=args.unlocked_blocks, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
-                  threads=args.threads, work_dir=args.work_dir)
+                  threads=args.threads, work_dir=args.work_dir, docs=args.docs)
 
 
 if __name__ == "__main__":

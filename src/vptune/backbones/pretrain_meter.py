@@ -10,7 +10,10 @@ CLIP's frozen towers, with METER's two objectives, on captioned canvases of the 
 The batches, the two losses, the pretrain-val figures and the step loop (checkpoints, resuming)
 are the bundled ViLT's (``pretrain_vilt``: ``itm_mlm_batch``, ``losses``, ``validate``;
 ``pretrain.train_steps``): the same data and objective code, another model. Its pixels come in
-ViLT's normalisation (mean and std 0.5) and are re-normalised here for the CLIP towers.
+ViLT's normalisation (mean and std 0.5) and are re-normalised here for the CLIP towers. The run
+also writes the figures file (``docs/meter-fmnist-figures.json``, ``figures.py``);
+``remeasure_meter`` measures the card's table again on the shipped weights
+(``vptune pretrain --arch meter --evaluate-only``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from torch import Tensor, nn
 from ..data.cache import cache_root
 from ..report import machine, now
 from .bundled import MEAN, STD
+from .figures import evaluate_command, figures_path, write_figures
 from .meter_bundled import BUNDLED_METER, HIDDEN, LAYERS, build_bundled_meter, fusion_state
 from .pretrain import train_steps
-from .pretrain_vilt import itm_mlm_batch, itm_mlm_rows, losses, validate
+from .pretrain_vilt import VAL_PAIRS, evaluate_itm_mlm, itm_mlm_batch, itm_mlm_rows, losses, training_record, validate
 
 CARD = "METER_MODEL_CARD.md"
+PRETRAINING_HEADS = ("itm_score.", "mlm_score.")  # the pretraining heads in the shipped file
 
 
 class MeterPretrainer(nn.Module):
@@ -66,13 +71,63 @@ class MeterPretrainer(nn.Module):
         return self.itm_score.fc(pooled), self.mlm_score(x[:, :T])
 
 
+def initial_pretrainer(vocab_size: int, seed: int) -> MeterPretrainer:
+    """The pretrainer as a run with ``seed`` starts it: the bundled CLIP's towers, the rest drawn."""
+    torch.manual_seed(seed)
+    return MeterPretrainer(build_bundled_meter(), vocab_size)
+
+
+def pretrainer_state(model: MeterPretrainer) -> dict[str, Tensor]:
+    """What the shipped file holds: the fusion part (``fusion_state``) and the two heads."""
+    state = {k: v.contiguous() for k, v in fusion_state(model.meter).items()}
+    state.update({f"itm_score.{k}": v.contiguous() for k, v in model.itm_score.state_dict().items()})
+    state.update({f"mlm_score.{k}": v.contiguous() for k, v in model.mlm_score.state_dict().items()})
+    return state
+
+
+def load_pretrainer(path: Path, vocab_size: int) -> MeterPretrainer:
+    """A pretrainer with the fusion part and both heads of a file ``pretrainer_state`` wrote."""
+    from safetensors.torch import load_file
+
+    from .meter_bundled import load_bundled_meter
+
+    model = MeterPretrainer(load_bundled_meter(path), vocab_size)
+    state = load_file(str(path))
+    for prefix in PRETRAINING_HEADS:
+        getattr(model, prefix[:-1]).load_state_dict({k.removeprefix(prefix): v for k, v in state.items()
+                                                     if k.startswith(prefix)})
+    return model.eval()
+
+
+def remeasure_meter(out: Path, docs: Path, seed: int = 0, mlm_probability: float = 0.15, val_pairs: int = VAL_PAIRS) -> dict:
+    """``vptune pretrain --arch meter --evaluate-only``: ``validate`` on the weights in ``out`` and on
+    the initialisation of a run with ``seed``, into ``docs/meter-fmnist-figures.json`` (the run's record kept)."""
+    from ..data.tokenizer import WordTokenizer
+
+    tokenizer = WordTokenizer.from_file()
+    path = Path(out) / f"{BUNDLED_METER}.safetensors"
+    before = validate(initial_pretrainer(len(tokenizer), seed), tokenizer, mlm_probability, pairs=val_pairs)
+    evaluation = meter_evaluation(load_pretrainer(path, len(tokenizer)), before, path, tokenizer, mlm_probability, val_pairs)
+    write_figures(docs, "meter", BUNDLED_METER, evaluation, evaluate_command("meter", out, docs))
+    return evaluation
+
+
+def meter_evaluation(model: MeterPretrainer, before: dict, path: Path, tokenizer, mlm_probability: float,
+                     val_pairs: int = VAL_PAIRS) -> dict:
+    """``evaluate_itm_mlm``'s figures and the frozen towers' parameter count (not in the file)."""
+    towers = sum(p.numel() for e in (model.meter.vit_model, model.meter.text_transformer) for p in e.parameters())
+    return {**evaluate_itm_mlm(model, before, path, PRETRAINING_HEADS, tokenizer, mlm_probability, val_pairs),
+            "encoder_parameters": towers}
+
+
 def pretrain_meter(
     out: Path, steps: int = 300, batch_size: int = 64, lr: float = 1e-3, weight_decay: float = 0.01, warmup_steps: int = 30,
     mlm_probability: float = 0.15, corpus_size: int = 30000, seed: int = 0, threads: int = 1, work_dir: Path | None = None,
-    checkpoint_every: int = 25, log_every: int = 10,
+    checkpoint_every: int = 25, log_every: int = 10, docs: Path | None = None, val_pairs: int = VAL_PAIRS,
 ) -> dict:
-    """Pretrain the bundled METER's fusion part; write ``out/vptune_meter_fmnist.safetensors`` and
-    ``out/METER_MODEL_CARD.md``. Returns the card's figures."""
+    """Pretrain the bundled METER's fusion part; write ``out/vptune_meter_fmnist.safetensors``,
+    ``out/METER_MODEL_CARD.md`` and the figures file ``meter-fmnist-figures.json`` in ``docs``
+    (default ``out``); the figures on ``val_pairs`` canvases of the pretrain-val pool. Returns the card's figures."""
     from ..data.minivl import pretraining_corpus
     from ..data.tokenizer import WordTokenizer
 
@@ -85,12 +140,11 @@ def pretrain_meter(
     tokenizer = WordTokenizer.from_file()
     corpus = pretraining_corpus(corpus_size, pool="pretrain", seed=seed)
 
-    torch.manual_seed(seed)
-    model = MeterPretrainer(build_bundled_meter(), len(tokenizer))
+    model = initial_pretrainer(len(tokenizer), seed)
     encoders = [model.meter.vit_model, model.meter.text_transformer]
     for encoder in encoders:
         encoder.requires_grad_(False)
-    start_figures = validate(model, tokenizer, mlm_probability)
+    start_figures = validate(model, tokenizer, mlm_probability, pairs=val_pairs)
     print("before pretraining: " + ", ".join(f"{k} {v:.1f}" for k, v in start_figures.items()), flush=True)
     tuned = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for _, p in tuned if p.ndim > 1], "weight_decay": weight_decay, "peak": lr},
@@ -109,28 +163,27 @@ def pretrain_meter(
         return itm_loss + mlm_loss, {"itm": itm_loss.item(), "mlm": mlm_loss.item(), "itm_acc": accuracy}
 
     print(f"pretraining {BUNDLED_METER}: {recipe}, {threads} threads", flush=True)
+    history: list[list[float]] = []
     start, elapsed = train_steps(model, optimizer, loss_at, steps=steps, warmup_steps=warmup_steps, recipe=recipe,
                                  checkpoint_path=work_dir / f"{BUNDLED_METER}-checkpoint.pt",
-                                 checkpoint_every=checkpoint_every, log_every=log_every, batch_size=batch_size)
-    results = validate(model, tokenizer, mlm_probability)
-    print("pretrain-val: " + ", ".join(f"{k} {v:.1f}" for k, v in results.items()), flush=True)
+                                 checkpoint_every=checkpoint_every, log_every=log_every, batch_size=batch_size,
+                                 history=history)
     weights_path = out / f"{BUNDLED_METER}.safetensors"
-    state = {k: v.contiguous() for k, v in fusion_state(model.meter).items()}
-    state.update({f"itm_score.{k}": v.contiguous() for k, v in model.itm_score.state_dict().items()})
-    state.update({f"mlm_score.{k}": v.contiguous() for k, v in model.mlm_score.state_dict().items()})
-    save_file(state, str(weights_path), metadata={"architecture": BUNDLED_METER})
-    figures = {"pretrain_val": results, "before": start_figures, "wall_time_min": elapsed / 60,
-               "fusion_parameters": sum(v.numel() for k, v in state.items() if not k.startswith(("itm_score.", "mlm_score."))),
-               "encoder_parameters": sum(p.numel() for e in encoders for p in e.parameters()),
-               "weights_mb": weights_path.stat().st_size / 1e6, "pairs_per_s": (steps - start) * batch_size / max(elapsed, 1e-9)}
-    command = (f"vptune pretrain --arch meter --out {out} --steps {steps} --batch-size {batch_size} --lr {lr} "
+    save_file(pretrainer_state(model), str(weights_path), metadata={"architecture": BUNDLED_METER})
+    evaluation = meter_evaluation(model, start_figures, weights_path, tokenizer, mlm_probability, val_pairs)
+    print("pretrain-val: " + ", ".join(f"{k} {v:.1f}" for k, v in evaluation["pretrain_val"].items()), flush=True)
+    docs = Path(docs or out)
+    command = (f"vptune pretrain --arch meter --out {out} --docs {docs} --steps {steps} --batch-size {batch_size} --lr {lr} "
                f"--weight-decay {weight_decay} --warmup-steps {warmup_steps} --seed {seed} --threads {threads}")
-    (out / CARD).write_text(model_card(recipe, figures, command))
-    print(f"wrote {weights_path} ({figures['weights_mb']:.1f} MB) and {out / CARD}", flush=True)
+    training = training_record(command, recipe, start, elapsed, history)
+    write_figures(docs, "meter", BUNDLED_METER, evaluation, evaluate_command("meter", out, docs), training)
+    figures = {**evaluation, **{k: training[k] for k in ("wall_time_min", "pairs_per_s")}}
+    (out / CARD).write_text(model_card(recipe, figures, command, evaluate_command("meter", out, docs), figures_path(docs, "meter")))
+    print(f"wrote {weights_path} ({figures['weights_mb']:.1f} MB), {out / CARD} and {figures_path(docs, 'meter')}", flush=True)
     return figures
 
 
-def model_card(recipe: dict, figures: dict, command: str) -> str:
+def model_card(recipe: dict, figures: dict, command: str, remeasure: str, figures_file: Path) -> str:
     after, rows = figures["pretrain_val"], itm_mlm_rows(figures)
     return f"""# {BUNDLED_METER}: the bundled METER
 
@@ -140,7 +193,7 @@ class token; text tower d=128, 3 layers, causal, the canvases' 114-word tokenize
 encoders, then {LAYERS} co-attention fusion layers per stream (width {HIDDEN}, 4 heads, FFN {4 * HIDDEN}; self-attention,
 cross-attention to the other stream, FFN, post-LN, transformers' BERT modules): {4 * LAYERS} attention
 sites. `--backbone {BUNDLED_METER}` runs the vision-language tasks (`minivl:*`) with no download.
-{figures['fusion_parameters']:,} parameters of its own (transforms, token types, fusion layers, poolers) on the
+{figures['parameters']:,} parameters of its own (transforms, token types, fusion layers, poolers) on the
 CLIP's {figures['encoder_parameters']:,}; the file holds only those (and the pretraining heads under `itm_score.`,
 `mlm_score.`), the towers load from the CLIP's file.
 
@@ -148,7 +201,7 @@ CLIP's {figures['encoder_parameters']:,}; the file holds only those (and the pre
 `vptune.data.minivl.pretraining_corpus({recipe['corpus_size']}, pool="pretrain")`: captioned canvases of 1 to 4
 Fashion-MNIST items from Fashion-MNIST's train split (the *pretrain* pool), each with a random truthful
 paraphrase of its description; the benchmark's canvases come from the test split only. Figures below on
-1000 canvases of the *pretrain-val* pool, never trained on.
+{after['itm_pairs'] // 2} canvases of the *pretrain-val* pool, never trained on.
 
 ## Recipe
 METER's objectives with its heads: image-text matching (half of each batch with its own caption, half
@@ -170,7 +223,7 @@ ViLT's (`pretrain_vilt.py`, `pretrain.train_steps`).
 {after['itm_pairs']} ITM pairs, {after['mlm_tokens']} masked words. The gap between the masked-word accuracy with and
 without the canvases is what the fusion layers read from the picture.
 
-- Wall time: {figures['wall_time_min']:.1f} min of training ({figures['pairs_per_s']:.0f} pairs/s), niced, one thread, on a shared machine.
+- Wall time: {figures['wall_time_min']:.1f} min of training ({figures['pairs_per_s']:.0f} pairs/s), niced, one thread, on a shared machine, as recorded by the training run.
 - Machine: {machine()}.
 - Weights: `{BUNDLED_METER}.safetensors`, {figures['weights_mb']:.1f} MB, float32. Written {now()}.
 
@@ -183,5 +236,9 @@ methods on a CPU, not for METER itself.
 ```
 {command}
 ```
-Rerunning the command resumes from the last checkpoint in `$VPTUNE_CACHE/pretrain`.
+Rerunning the command resumes from the last checkpoint in `$VPTUNE_CACHE/pretrain`. The run writes
+its figures (the table above; recipe, steps, wall time and loss history) to
+`{figures_file}`. `{remeasure}` measures the table again
+on the shipped weights and on a run's initialisation, with the same code, and rewrites that file's
+`evaluation` part; the training figures (wall time, pairs/s) stay as the run recorded them.
 """

@@ -12,8 +12,10 @@ split, never the benchmark pools):
 The transformer starts from the bundled ViT (``vilt_bundled.init_from_vit``); everything is
 tuned, the ViT-initialised tensors at a lower learning rate. The step loop, its checkpoints
 and resuming are ``pretrain.train_steps`` (shared with the bundled CLIP). At the end the ViLT
-weights (with the ITM and MLM heads, under ``itm.`` and ``mlm_score.``; loading takes ``vilt.``)
-and a model card with ITM and MLM accuracy on the pretrain-val pool are written.
+weights (with the ITM and MLM heads, under ``itm.`` and ``mlm_score.``; loading takes ``vilt.``),
+a model card with ITM and MLM accuracy on the pretrain-val pool and the figures file
+(``docs/vilt-fmnist-figures.json``, ``figures.py``) are written; ``remeasure_vilt`` measures those
+accuracies again on the shipped weights (``vptune pretrain --arch vilt --evaluate-only``).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from torch import Tensor, nn
 
 from ..data.cache import cache_root
 from ..report import machine, now
+from .figures import evaluate_command, figures_path, weights_figures, write_figures
 from .pretrain import train_steps
 from .vilt_bundled import BUNDLED_VILT, LAYERS, TEXT_LENGTH, init_from_vit, vilt_config
 
 CARD = "VILT_MODEL_CARD.md"
+PRETRAINING_HEADS = ("itm.", "mlm_score.")  # the pretraining heads in the shipped file; the backbone is under vilt.
 VAL_PAIRS = 1000
 
 
@@ -56,6 +60,42 @@ class ViltPretrainer(nn.Module):
         out = self.vilt(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixels)
         text = out.last_hidden_state[:, : input_ids.shape[1]]
         return self.itm(out.pooler_output), self.mlm.mlm_score(text)
+
+
+def initial_pretrainer(vocab_size: int, seed: int) -> ViltPretrainer:
+    """The pretrainer as a run with ``seed`` starts it: new tensors drawn, the transformer from the
+    bundled ViT's shipped weights."""
+    from .loading import load_backbone
+
+    torch.manual_seed(seed)
+    model = ViltPretrainer(vocab_size)
+    init_from_vit(model.vilt, load_backbone())
+    return model
+
+
+def pretrainer_state(model: ViltPretrainer) -> dict[str, Tensor]:
+    """What the shipped file holds: the ViLT under ``vilt.``, the heads under ``itm.`` and ``mlm_score.``."""
+    state = {f"vilt.{k}": v.contiguous() for k, v in model.vilt.state_dict().items()}
+    state.update({f"itm.{k}": v.contiguous() for k, v in model.itm.state_dict().items()})
+    state.update({f"mlm_score.{k}": v.contiguous() for k, v in model.mlm.mlm_score.state_dict().items()
+                  if k != "decoder.weight"})  # tied: the word embedding
+    return state
+
+
+def load_pretrainer(path: Path, vocab_size: int) -> ViltPretrainer:
+    """A pretrainer with the ViLT and both heads of a file ``pretrainer_state`` wrote."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    model = ViltPretrainer(vocab_size)
+    for prefix, module in (("vilt.", model.vilt), ("itm.", model.itm), ("mlm_score.", model.mlm.mlm_score)):
+        part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        result = module.load_state_dict(part, strict=False)
+        missing = [k for k in result.missing_keys if not (prefix == "mlm_score." and k == "decoder.weight")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{path} is not a {BUNDLED_VILT} pretraining file: missing {missing[:5]}, "
+                             f"unexpected {result.unexpected_keys[:5]} under {prefix!r}")
+    return model.eval()
 
 
 def to_input(canvases: np.ndarray) -> Tensor:
@@ -135,12 +175,13 @@ def pretrain_vilt(
     out: Path, steps: int = 400, batch_size: int = 64, lr: float = 1e-3, vit_lr: float = 3e-4, weight_decay: float = 0.01,
     warmup_steps: int = 50, mlm_probability: float = 0.15, corpus_size: int = 30000, seed: int = 0, threads: int = 1,
     work_dir: Path | None = None, checkpoint_every: int = 25, log_every: int = 10, val_pairs: int = VAL_PAIRS,
+    docs: Path | None = None,
 ) -> dict:
-    """Pretrain the bundled ViLT; write ``out/vptune_vilt_fmnist.safetensors`` and ``out/VILT_MODEL_CARD.md``
-    (figures on ``val_pairs`` canvases of the pretrain-val pool). Returns the card's figures."""
+    """Pretrain the bundled ViLT; write ``out/vptune_vilt_fmnist.safetensors``, ``out/VILT_MODEL_CARD.md``
+    (figures on ``val_pairs`` canvases of the pretrain-val pool) and the figures file
+    ``vilt-fmnist-figures.json`` in ``docs`` (default ``out``). Returns the card's figures."""
     from ..data.minivl import pretraining_corpus
     from ..data.tokenizer import WordTokenizer
-    from .loading import load_backbone
 
     torch.set_num_threads(threads)
     out, work_dir = Path(out), Path(work_dir or cache_root() / "pretrain")
@@ -151,9 +192,7 @@ def pretrain_vilt(
     tokenizer = WordTokenizer.from_file()
     corpus = pretraining_corpus(corpus_size, pool="pretrain", seed=seed)
 
-    torch.manual_seed(seed)
-    model = ViltPretrainer(len(tokenizer))
-    init_from_vit(model.vilt, load_backbone())  # the bundled ViT's shipped weights
+    model = initial_pretrainer(len(tokenizer), seed)
     start_figures = validate(model, tokenizer, mlm_probability, pairs=val_pairs)
     print("before pretraining: " + ", ".join(f"{k} {v:.1f}" for k, v in start_figures.items()), flush=True)
     from_vit = ("vilt.embeddings.patch_embeddings.", "vilt.embeddings.cls_token", "vilt.embeddings.position_embeddings",
@@ -176,27 +215,55 @@ def pretrain_vilt(
         return itm_loss + mlm_loss, {"itm": itm_loss.item(), "mlm": mlm_loss.item(), "itm_acc": accuracy}
 
     print(f"pretraining {BUNDLED_VILT}: {recipe}, {threads} threads", flush=True)
+    history: list[list[float]] = []
     start, elapsed = train_steps(model, optimizer, loss_at, steps=steps, warmup_steps=warmup_steps, recipe=recipe,
                                  checkpoint_path=work_dir / f"{BUNDLED_VILT}-checkpoint.pt",
-                                 checkpoint_every=checkpoint_every, log_every=log_every, batch_size=batch_size)
-    results = validate(model, tokenizer, mlm_probability, pairs=val_pairs)
-    print("pretrain-val: " + ", ".join(f"{k} {v:.1f}" for k, v in results.items()), flush=True)
+                                 checkpoint_every=checkpoint_every, log_every=log_every, batch_size=batch_size,
+                                 history=history)
     weights_path = out / f"{BUNDLED_VILT}.safetensors"
-    state = {f"vilt.{k}": v.contiguous() for k, v in model.vilt.state_dict().items()}
-    state.update({f"itm.{k}": v.contiguous() for k, v in model.itm.state_dict().items()})
-    state.update({f"mlm_score.{k}": v.contiguous() for k, v in model.mlm.mlm_score.state_dict().items()
-                  if k != "decoder.weight"})  # tied: the word embedding
-    save_file(state, str(weights_path), metadata={"architecture": BUNDLED_VILT})
-    figures = {"pretrain_val": results, "before": start_figures, "wall_time_min": elapsed / 60,
-               "parameters": sum(v.numel() for k, v in state.items() if k.startswith("vilt.")),
-               "weights_mb": weights_path.stat().st_size / 1e6,
-               "pairs_per_s": (steps - start) * batch_size / max(elapsed, 1e-9)}
-    command = (f"vptune pretrain --arch vilt --out {out} --steps {steps} --batch-size {batch_size} --lr {lr} "
+    save_file(pretrainer_state(model), str(weights_path), metadata={"architecture": BUNDLED_VILT})
+    evaluation = evaluate_itm_mlm(model, start_figures, weights_path, PRETRAINING_HEADS, tokenizer, mlm_probability, val_pairs)
+    print("pretrain-val: " + ", ".join(f"{k} {v:.1f}" for k, v in evaluation["pretrain_val"].items()), flush=True)
+    docs = Path(docs or out)
+    command = (f"vptune pretrain --arch vilt --out {out} --docs {docs} --steps {steps} --batch-size {batch_size} --lr {lr} "
                f"--image-lr {vit_lr} --weight-decay {weight_decay} --warmup-steps {warmup_steps} --seed {seed} "
                f"--threads {threads}")
-    (out / CARD).write_text(model_card(recipe, figures, command))
-    print(f"wrote {weights_path} ({figures['weights_mb']:.1f} MB) and {out / CARD}", flush=True)
+    training = training_record(command, recipe, start, elapsed, history)
+    write_figures(docs, "vilt", BUNDLED_VILT, evaluation, evaluate_command("vilt", out, docs), training)
+    figures = {**evaluation, **{k: training[k] for k in ("wall_time_min", "pairs_per_s")}}
+    (out / CARD).write_text(model_card(recipe, figures, command, evaluate_command("vilt", out, docs), figures_path(docs, "vilt")))
+    print(f"wrote {weights_path} ({figures['weights_mb']:.1f} MB), {out / CARD} and {figures_path(docs, 'vilt')}", flush=True)
     return figures
+
+
+def evaluate_itm_mlm(model: nn.Module, before: dict, weights_path: Path, heads: tuple[str, ...], tokenizer,
+                     mlm_probability: float = 0.15, pairs: int = VAL_PAIRS) -> dict:
+    """The model card's evaluation figures of a ViLT or METER pretrainer whose weights are the file
+    ``weights_path``: ``validate`` after pretraining and at initialisation (``before``), the file's
+    parameters (but the pretraining ``heads``) and size."""
+    return {"pretrain_val": validate(model, tokenizer, mlm_probability, pairs=pairs), "before": before,
+            **weights_figures(weights_path, heads)}
+
+
+def training_record(command: str, recipe: dict, start: int, elapsed: float, history: list) -> dict:
+    """The ``training`` part of a step-loop run's figures file (``train_steps``'s start, time and losses)."""
+    return {"command": command, "recipe": recipe, "steps": recipe["steps"], "resumed_at": start,
+            "wall_time_min": elapsed / 60, "pairs_per_s": (recipe["steps"] - start) * recipe["batch_size"] / max(elapsed, 1e-9),
+            "machine": machine(), "written": now(), "history": history}
+
+
+def remeasure_vilt(out: Path, docs: Path, seed: int = 0, mlm_probability: float = 0.15, val_pairs: int = VAL_PAIRS) -> dict:
+    """``vptune pretrain --arch vilt --evaluate-only``: ``validate`` on the weights in ``out`` and on the
+    initialisation of a run with ``seed``, into ``docs/vilt-fmnist-figures.json`` (the run's record kept)."""
+    from ..data.tokenizer import WordTokenizer
+
+    tokenizer = WordTokenizer.from_file()
+    path = Path(out) / f"{BUNDLED_VILT}.safetensors"
+    before = validate(initial_pretrainer(len(tokenizer), seed), tokenizer, mlm_probability, pairs=val_pairs)
+    evaluation = evaluate_itm_mlm(load_pretrainer(path, len(tokenizer)), before, path, PRETRAINING_HEADS, tokenizer,
+                                  mlm_probability, val_pairs)
+    write_figures(docs, "vilt", BUNDLED_VILT, evaluation, evaluate_command("vilt", out, docs))
+    return evaluation
 
 
 def itm_mlm_rows(figures: dict) -> str:
@@ -208,7 +275,7 @@ def itm_mlm_rows(figures: dict) -> str:
         ("mlm_accuracy_blank_image", "masked-word accuracy with every canvas blanked (text alone)")))
 
 
-def model_card(recipe: dict, figures: dict, command: str) -> str:
+def model_card(recipe: dict, figures: dict, command: str, remeasure: str, figures_file: Path) -> str:
     after, rows = figures["pretrain_val"], itm_mlm_rows(figures)
     return f"""# {BUNDLED_VILT}: the bundled ViLT
 
@@ -249,7 +316,7 @@ ViT, weight decay {recipe['weight_decay']} (none on 1-d tensors), {recipe['warmu
 measures what the caption's own words give away (grammar, the template); the gap to the
 accuracy with the canvases is what the model reads from the picture.
 
-- Wall time: {figures['wall_time_min']:.1f} min of training ({figures['pairs_per_s']:.0f} pairs/s), niced, one thread, on a machine shared with other jobs (wall time, not CPU time).
+- Wall time: {figures['wall_time_min']:.1f} min of training ({figures['pairs_per_s']:.0f} pairs/s), niced, one thread, on a machine shared with other jobs (wall time, not CPU time), as recorded by the training run.
 - Machine: {machine()}.
 - Weights: `{BUNDLED_VILT}.safetensors`, {figures['weights_mb']:.1f} MB, float32. Written {now()}.
 
@@ -262,5 +329,9 @@ four million image-text pairs) to compare tuning methods on a CPU, not for ViLT 
 ```
 {command}
 ```
-Rerunning the command resumes from the last checkpoint in `$VPTUNE_CACHE/pretrain`.
+Rerunning the command resumes from the last checkpoint in `$VPTUNE_CACHE/pretrain`. The run writes
+its figures (the table above; recipe, steps, wall time and loss history) to
+`{figures_file}`. `{remeasure}` measures the table again
+on the shipped weights and on a run's initialisation, with the same code, and rewrites that file's
+`evaluation` part; the training figures (wall time, pairs/s) stay as the run recorded them.
 """

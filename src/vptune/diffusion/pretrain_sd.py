@@ -8,7 +8,9 @@ paraphrase (``vptune.data.texts.caption``); a share of captions is dropped to th
 classifier-free guidance works. The step loop and its checkpoints are the ones the bundled CLIP and ViLT use
 (``backbones.pretrain.train_steps``): rerunning the same command resumes. An exponential moving
 average of the UNet is what is shipped. At the end the sample grid, the loss
-curve and a measured check of the samples (``check_samples``) go into ``SD_MODEL_CARD.md``.
+curve and a measured check of the samples (``check_samples``) go into ``SD_MODEL_CARD.md``, and the
+figures into ``docs/sd-fmnist-figures.json`` (``backbones.figures``); ``remeasure_sd`` measures
+them again on the shipped weights (``vptune pretrain --arch sd --evaluate-only``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..backbones.figures import evaluate_command, figures_path, weights_figures, write_figures
 from ..data.cache import cache_root
 from ..report import machine, now
 from .backbone import BUNDLED_SCHEDULER, BUNDLED_SD, BUNDLED_UNET, DiffusionBackbone, denoising_loss
@@ -218,7 +221,6 @@ def pretrain_sd(out: Path, *, docs: Path | None = None, steps: int = 1000, batch
     from safetensors.torch import save_file
 
     from .backbone import build_bundled_sd, load_bundled_sd
-    from .sample import generate, save_grid
 
     cpu_start = time.process_time()
     out, docs = Path(out), Path(docs or out)
@@ -236,29 +238,54 @@ def pretrain_sd(out: Path, *, docs: Path | None = None, steps: int = 1000, batch
     state = {k: v.detach().contiguous() for k, v in ema.state_dict().items()}
     save_file(state, str(weights_path), metadata={"architecture": BUNDLED_SD, "unet": json.dumps(BUNDLED_UNET),
                                                   "scheduler": json.dumps(BUNDLED_SCHEDULER)})
-    shipped = load_bundled_sd(weights_path)
+    evaluation = evaluate_sd(load_bundled_sd(weights_path), weights_path, docs, sample_steps=sample_steps,
+                             sampler=sampler, guidance=guidance, seed=seed)
+    plot_loss(record["history"], docs / LOSS_PNG)
+
+    command = (f"vptune pretrain --arch sd --out {out} --docs {docs} --steps {steps} --batch-size {batch_size} --lr {lr} "
+               f"--weight-decay {weight_decay} --warmup-steps {warmup_steps} --seed {seed} --threads {threads}")
+    training = {"command": command, "recipe": record["recipe"], "steps": steps, "resumed_at": record["start"],
+                "wall_time_min": record["elapsed"] / 60, "canvases_per_s": steps * batch_size / max(record["elapsed"], 1e-9),
+                "cpu_min_this_process": (time.process_time() - cpu_start) / 60,
+                "final_loss": record["history"][-1][1] if record["history"] else None,
+                "machine": machine(), "written": now(), "history": record["history"]}
+    write_figures(docs, "sd", BUNDLED_SD, evaluation, evaluate_command("sd", out, docs), training)
+    figures = {**evaluation, **{k: v for k, v in training.items() if k not in ("command", "recipe", "history")}}
+    (out / CARD).write_text(model_card(record["recipe"], figures, command, sample_steps, sampler, guidance,
+                                       evaluate_command("sd", out, docs), figures_path(docs, "sd")))
+    print(f"wrote {weights_path} ({figures['weights_mb']:.1f} MB), {out / CARD}, {docs / SAMPLES_PNG}, {docs / LOSS_PNG}, "
+          f"{figures_path(docs, 'sd')}", flush=True)
+    return figures
+
+
+def evaluate_sd(shipped: DiffusionBackbone, weights_path: Path, docs: Path, *, sample_steps: int = 50, sampler: str = "ddpm",
+                guidance: float = 3.0, seed: int = 0) -> dict:
+    """The model card's evaluation figures of ``shipped`` (loaded from ``weights_path``): the sample
+    grid (written to ``docs``), ``check_samples``, ``conditioning_loss``, parameters and file size."""
+    from .sample import generate, save_grid
 
     sample_start = time.perf_counter()
     images = generate(shipped, list(GRID_CAPTIONS), num_images=8, steps=sample_steps, guidance=guidance, seed=seed,
                       sampler=sampler)
     save_grid(images, docs / SAMPLES_PNG, columns=8, scale=3, labels=list(GRID_CAPTIONS))
     sample_s = (time.perf_counter() - sample_start) / len(images)
-    checks = check_samples(shipped, steps=sample_steps, guidance=guidance, seed=seed, sampler=sampler)
-    conditioning = conditioning_loss(shipped, seed=seed)
-    plot_loss(record["history"], docs / LOSS_PNG)
+    return {**weights_figures(weights_path), "sample_s_per_image": sample_s,
+            "checks": check_samples(shipped, steps=sample_steps, guidance=guidance, seed=seed, sampler=sampler),
+            "conditioning_loss": conditioning_loss(shipped, seed=seed)}
 
-    figures = {"wall_time_min": record["elapsed"] / 60, "cpu_min_this_process": (time.process_time() - cpu_start) / 60,
-               "resumed_at": record["start"], "parameters": sum(v.numel() for v in state.values()),
-               "weights_mb": weights_path.stat().st_size / 1e6, "canvases_per_s": steps * batch_size / max(record["elapsed"], 1e-9),
-               "sample_s_per_image": sample_s, "final_loss": record["history"][-1][1] if record["history"] else None,
-               "checks": checks, "conditioning_loss": conditioning}
-    command = (f"vptune pretrain --arch sd --out {out} --docs {docs} --steps {steps} --batch-size {batch_size} --lr {lr} "
-               f"--weight-decay {weight_decay} --warmup-steps {warmup_steps} --seed {seed} --threads {threads}")
-    (out / CARD).write_text(model_card(record["recipe"], figures, command, sample_steps, sampler, guidance))
-    (docs / "sd-fmnist-figures.json").write_text(json.dumps({**figures, "history": record["history"]}, indent=1))
-    print(f"wrote {weights_path} ({figures['weights_mb']:.1f} MB), {out / CARD}, {docs / SAMPLES_PNG}, {docs / LOSS_PNG}",
-          flush=True)
-    return figures
+
+def remeasure_sd(out: Path, docs: Path, *, sample_steps: int = 50, sampler: str = "ddpm", guidance: float = 3.0,
+                 seed: int = 0) -> dict:
+    """``vptune pretrain --arch sd --evaluate-only``: ``evaluate_sd`` on the weights in ``out``, the
+    sample grid redrawn and the figures into ``docs/sd-fmnist-figures.json`` (the run's record kept)."""
+    from .backbone import load_bundled_sd
+
+    path = Path(out) / f"{BUNDLED_SD}.safetensors"
+    Path(docs).mkdir(parents=True, exist_ok=True)
+    evaluation = evaluate_sd(load_bundled_sd(path), path, Path(docs), sample_steps=sample_steps, sampler=sampler,
+                             guidance=guidance, seed=seed)
+    write_figures(docs, "sd", BUNDLED_SD, evaluation, evaluate_command("sd", out, docs))
+    return evaluation
 
 
 def plot_loss(history: list[list[float]], path: Path) -> None:
@@ -281,7 +308,8 @@ def plot_loss(history: list[list[float]], path: Path) -> None:
     plt.close(figure)
 
 
-def model_card(recipe: dict, figures: dict, command: str, sample_steps: int, sampler: str, guidance: float) -> str:
+def model_card(recipe: dict, figures: dict, command: str, sample_steps: int, sampler: str, guidance: float,
+               remeasure: str, figures_file: Path) -> str:
     checks = dict(figures["checks"])
     area = checks.pop("bright area")
     rows = "\n".join(f"| {name} | {c['generated']:.1f} | {c['real']:.1f} | {c['chance']:.1f} | {c['distinct']:.0f} |"
@@ -349,7 +377,8 @@ noise and timesteps, given (`conditioning_loss`):
 
 - Wall time: {figures['wall_time_min']:.1f} min of training ({figures['canvases_per_s']:.1f} canvases/s), sampling
   {figures['sample_s_per_image']:.2f} s per image at {sample_steps} steps with guidance; CPU time of the last process
-  {figures['cpu_min_this_process']:.1f} min (training, samples and checks; resumed at step {figures['resumed_at']}).
+  {figures['cpu_min_this_process']:.1f} min (training, samples and checks; resumed at step {figures['resumed_at']}); the training
+  figures as recorded by the training run.
 - Machine: {machine()}, shared with other jobs.
 - Written {now()}.
 
@@ -365,4 +394,8 @@ make good pictures.
 ```
 Rerunning the command resumes from the last checkpoint in `$VPTUNE_CACHE/pretrain`. Then
 `vptune generate --prompt "a large bag at the center" --num-images 8 --sampler {sampler} --steps {sample_steps} --out grid.png`.
+The run writes its figures (the tables above, the sample timing; recipe, steps, wall time and loss
+history) to `{figures_file}`. `{remeasure}` measures the sample
+grid, both tables and the sample timing again on the shipped weights, with the same code, and
+rewrites that file's `evaluation` part; the training figures stay as the run recorded them.
 """
