@@ -111,8 +111,8 @@ MUTANTS = [
     Mutant(
         "LoRA FLOPs counted against its own adapted backbone",
         "flops.py",
-        "with adapters_disabled(model):",
-        "with contextlib.nullcontext():",
+        "with adapters_disabled(model):\n        frozen = count_flops(lambda: family.frozen_features(image))",
+        "with contextlib.nullcontext():\n        frozen = count_flops(lambda: family.frozen_features(image))",
         ("tests/test_train.py", "-k", "extra_flops"),
     ),
     Mutant(

@@ -45,3 +45,20 @@ def test_every_link_to_the_method_docs_names_an_anchor():
 def test_nothing_cites_a_specification_outside_the_repository():
     outside = "REFERENCE" + ".md"
     assert not [str(path.relative_to(ROOT)) for path in sources() if outside in path.read_text()]
+
+
+def test_every_planted_bug_of_make_mutants_still_finds_its_code():
+    """`make mutants` is the standing check that the tests catch representative bugs; a mutant whose
+    pattern the code no longer holds (code moved, or a second copy appeared) would silently stop
+    checking anything, so the suite holds every pattern to its stated count and every test file to disk."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("vptune_mutants", ROOT / "scripts" / "mutants.py")
+    mutants = sys.modules["vptune_mutants"] = importlib.util.module_from_spec(spec)  # its dataclass looks itself up
+    spec.loader.exec_module(mutants)
+    for m in mutants.MUTANTS:
+        found = (ROOT / "src" / "vptune" / m.file).read_text().count(m.pattern)
+        assert found == m.count, f"mutant {m.name!r}: {m.file} holds its pattern {found} times, expected {m.count}"
+        files = [t.split("::")[0] for t in m.tests if t.startswith("tests/")]
+        assert files and all((ROOT / f).is_file() for f in files), m.name
