@@ -58,6 +58,22 @@ def test_train_writes_weights_metrics_and_curve(trained):
     assert not (trained / "checkpoint.pt").exists()  # a complete run keeps only what serving needs
 
 
+
+def test_clip_grad_reaches_the_runs_settings_and_its_steps(trained, workspace, tmp_path):
+    """--clip-grad is recorded where every setting is (config.json, metrics.json) and changes the
+    steps: the same run without it (``trained``) records None and ends elsewhere."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "clipped"
+    result = invoke(*train_args(workspace, out, "--clip-grad", "0.001"))
+    assert result.exit_code == 0, result.output
+    for folder, clip in ((out, 0.001), (trained, None)):
+        assert json.loads((folder / "metrics.json").read_text())["train_config"]["clip_grad"] == clip
+        assert json.loads((folder / "config.json").read_text())["metadata"]["train_config"]["clip_grad"] == clip
+    clipped, plain = load_file(str(out / "model.safetensors")), load_file(str(trained / "model.safetensors"))
+    assert clipped.keys() == plain.keys() and all(not torch.equal(clipped[k], plain[k]) for k in plain)
+
+
 def test_eval_reproduces_the_runs_own_val_accuracy(trained, workspace):
     result = invoke("eval", "--run", trained, "--data", f"imagefolder:{workspace / 'images'}", "--split", "val")
     assert result.exit_code == 0, result.output
@@ -113,6 +129,8 @@ def test_eval_refuses_a_backbone_of_another_architecture(trained, workspace):
         (("--method", "vpt-deep", "--path", "sideways"), "path must be 'kv' or 'tokens'"),
         (("--method", "prompt-magic"), "unknown method 'prompt-magic'"),
         (("--method", "linear", "--optimizer", "lion"), "optimizer must be 'sgd' or 'adamw'"),
+        (("--method", "linear", "--clip-grad", "0"), "clip_grad must be a positive number"),
+        (("--method", "linear", "--clip-grad", "-1"), "clip_grad must be a positive number"),
     ],
 )
 def test_bad_options_are_one_clear_line(args, message, tmp_path):

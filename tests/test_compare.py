@@ -2,6 +2,7 @@
 with random weights and a tiny image folder: rows, resuming, the lr choice, markdown, PNGs."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,28 @@ def test_a_finished_comparison_is_read_back_not_retrained(demo_rows, workspace):
 def test_other_settings_in_a_finished_run_folder_are_refused(demo_rows, workspace):
     with pytest.raises(ValueError, match="other settings.*epochs"):
         compare([f"imagefolder:{workspace / 'images'}"], tiny(["linear"], epochs=2), workspace / "demo")
+
+
+
+def test_a_comparison_from_before_clip_grad_is_read_back_and_refused_with_clipping(demo_rows, workspace, tmp_path):
+    """Run folders written before clip_grad existed record no such key: they were made without
+    clipping, so the same recipes read them back (not retrained) and a clip_grad is other settings."""
+    old = Path(shutil.copytree(workspace / "demo", tmp_path / "demo"))
+    for path in [*old.rglob("metrics.json"), *old.rglob("config.json")]:
+        data = json.loads(path.read_text())
+        settings = data["train_config"] if path.name == "metrics.json" else data["metadata"]["train_config"]
+        del settings["clip_grad"]
+        path.write_text(json.dumps(data, indent=2))
+    files = sorted(old.rglob("*.*"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    task, weights = f"imagefolder:{workspace / 'images'}", workspace / "backbone.safetensors"
+    again = compare([task], tiny(["linear", "vpt-deep"]), old, weights=weights)
+    drop_run = lambda rows: [{k: v for k, v in r.items() if k != "run"} for r in rows]  # noqa: E731
+    assert drop_run(again) == drop_run(demo_rows)
+    assert sorted(old.rglob("*.*")) == files and [f.stat().st_mtime_ns for f in files] == stamps
+    with pytest.raises(ValueError, match=r"other settings \(clip_grad differ\)"):
+        compare([task], tiny(["linear"], clip_grad=1.0), old, weights=weights)
+    assert [f.stat().st_mtime_ns for f in files] == stamps
 
 
 def test_the_demo_report_has_every_row_and_both_plots(demo_rows, workspace):

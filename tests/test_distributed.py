@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from vptune.train import fit
@@ -25,7 +26,7 @@ from vptune.train import TrainConfig, fit
 from vptune.train.distributed import process_group_from_env
 
 
-def setup(batch_size):
+def setup(batch_size, clip_grad=None):
     torch.manual_seed(0)
     backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=0).eval()
     model = vptune.prompt_model(backbone, vptune.config_for("vpt-deep", num_prompts=4), num_classes=5)
@@ -34,14 +35,15 @@ def setup(batch_size):
     data = types.SimpleNamespace(train=TensorDataset(images, labels), val=TensorDataset(images, labels))
     # --scale-lr: peak lr 16 * 8 / 256 = 0.5 for one process on batch 8 and for two on 4 each (the
     # world-size factor), so the two runs agree only if that factor is applied.
+    # clip_grad: each process clips the gradient DDP has averaged over both, so they clip alike.
     cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=16.0, scale_lr=True, weight_decay=0.01, warmup_epochs=0,
-                      device="cpu")
+                      clip_grad=clip_grad, device="cpu")
     return model, data, cfg
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    model, data, cfg = setup(batch_size=4)
+    model, data, cfg = setup(batch_size=4, clip_grad=float(sys.argv[2]) if len(sys.argv) > 2 else None)
     with process_group_from_env(torch.device("cpu")):
         import torch.distributed as dist
 
@@ -80,18 +82,24 @@ def torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
     return done
 
 
-def test_two_processes_take_the_step_of_one_process_on_the_combined_batch(tmp_path):
+@pytest.mark.parametrize("clip_grad", [None, 0.05])
+def test_two_processes_take_the_step_of_one_process_on_the_combined_batch(tmp_path, clip_grad):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    torchrun(str(worker), str(tmp_path), cwd=tmp_path)
+    torchrun(str(worker), str(tmp_path), *([] if clip_grad is None else [str(clip_grad)]), cwd=tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
 
-    model, data, cfg = runpy.run_path(str(worker))["setup"](batch_size=8)
+    setup = runpy.run_path(str(worker))["setup"]
+    model, data, cfg = setup(batch_size=8, clip_grad=clip_grad)
     before = {name: t.clone() for name, t in model.tuned_state_dict().items()}
     result = fit(model, data, cfg, progress=False)
     single = model.tuned_state_dict()
     assert all(not torch.equal(before[name], single[name]) for name in single)  # the step moved every tuned tensor
+    if clip_grad is not None:  # the limit bites: unclipped, the step is another
+        unclipped, _, plain = setup(batch_size=8)
+        fit(unclipped, data, plain, progress=False)
+        assert any(not torch.equal(unclipped.tuned_state_dict()[name], single[name]) for name in single)
     for rank in ranks:
         assert rank["tuned"].keys() == single.keys()
         for name, tensor in single.items():

@@ -419,3 +419,21 @@ def test_an_interrupted_prune_resumes_where_it_stopped(prune_workspace, tmp_path
     other = dataclasses.replace(options, tolerance=0.5)
     with pytest.raises(ValueError, match=r"made with other settings \(options differ\)"):
         prune_run(prune_workspace / "run", data, out, other, progress=False, log=lambda line: None)
+
+
+def test_an_interrupted_pruning_from_before_clip_grad_resumes_unclipped(tmp_path):
+    """prune-progress.json written before clip_grad existed records training settings without it:
+    they were unclipped, so the search resumes under clip_grad None and not under a clip_grad."""
+    from vptune.pruning.run import previous_candidates
+    from vptune.train import TrainConfig
+    from vptune.train.folder import PRUNE_PROGRESS_FILE
+
+    train = {k: v for k, v in TrainConfig(epochs=2).to_dict().items() if k not in ("tracker", "tracking_uri", "device")}
+    settings = {"run": "/runs/a", "data": "mini:digits", "train_config": train}
+    old = {**settings, "train_config": {k: v for k, v in train.items() if k != "clip_grad"}}
+    candidates = [{"token_rate": 0.5, "segment_rate": 0.0, "val_top1": 80.0}]
+    (tmp_path / PRUNE_PROGRESS_FILE).write_text(json.dumps({"settings": old, "candidates": candidates}))
+    assert previous_candidates(tmp_path, settings) == candidates
+    clipped = {**settings, "train_config": {**train, "clip_grad": 1.0}}
+    with pytest.raises(ValueError, match=r"made with other settings \(train_config differ\)"):
+        previous_candidates(tmp_path, clipped)

@@ -122,6 +122,30 @@ def test_resuming_a_finished_run_with_other_settings_is_refused(finished, worksp
     assert "cannot resume" in result.output and f"{differs} " in result.output and "Traceback" not in result.output
 
 
+
+def without_clip_grad(folder: Path) -> Path:
+    """``folder``'s run as vptune wrote it before clip_grad existed: its recorded settings lack the key."""
+    for name, where in (("config.json", ("metadata", "train_config")), ("metrics.json", ("train_config",))):
+        data = json.loads((folder / name).read_text())
+        settings = data
+        for key in where:
+            settings = settings[key]
+        del settings["clip_grad"]
+        (folder / name).write_text(json.dumps(data, indent=2))
+    return folder
+
+
+def test_a_run_from_before_clip_grad_is_read_back_unclipped_and_refused_with_clipping(finished, workspace, tmp_path):
+    old = without_clip_grad(Path(shutil.copytree(finished, tmp_path / "old")))
+    before = snapshot(old)
+    result = invoke(*train_args(workspace, old, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert snapshot(old) == before  # read back, not retrained
+    result = invoke(*train_args(workspace, old, "--resume", "--clip-grad", "1.0"))
+    assert result.exit_code == 1 and "cannot resume" in result.output and "clip_grad None vs 1.0" in result.output
+    assert snapshot(old) == before
+
+
 def test_prune_refuses_a_folder_of_the_users_own_files_unless_overwrite(finished, workspace, tmp_path):
     out = users_folder(tmp_path / "mine")
     before = snapshot(out)

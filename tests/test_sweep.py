@@ -114,6 +114,37 @@ def test_a_sweep_folder_is_not_resumed_with_other_settings(tmp_path, weights):
         check_settings(config)
 
 
+
+def test_a_sweep_folder_from_before_clip_grad_resumes_unclipped(tmp_path, weights):
+    """sweep-settings.json written before clip_grad existed lacks the key: the sweep was made
+    without clipping, so it resumes as such, and a clip_grad is other settings."""
+    config = SweepConfig(BUNDLED_BACKBONE, "linear", ["mini:digits"], tmp_path, weights=weights, train=TrainConfig(epochs=3))
+    known = check_settings(config)
+    path = tmp_path / "sweep-settings.json"
+    settings = json.loads(path.read_text())
+    del settings["train"]["clip_grad"]
+    path.write_text(json.dumps(settings))
+    check_settings(config, known)
+    with pytest.raises(ValueError, match=r"other settings \(train: \{.*'clip_grad': None.* then, .*'clip_grad': 0.5"):
+        check_settings(dataclasses.replace(config, train=TrainConfig(epochs=3, clip_grad=0.5)), known)
+
+
+def test_sweep_passes_clip_grad_to_every_run(tmp_path, monkeypatch):
+    import vptune.sweep
+
+    seen = []
+
+    def stop(config, **kwargs):
+        seen.append(config.train_config(run(0.1)))
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(vptune.sweep, "run_sweep", stop)
+    result = CliRunner().invoke(app, ["sweep", "--method", "linear", "--data", "mini:digits", "--out", str(tmp_path),
+                                      "--clip-grad", "0.5"])
+    assert result.exit_code == 1 and "stopped before training" in result.output
+    assert [cfg.clip_grad for cfg in seen] == [0.5]
+
+
 # --- real sweeps: train_run on a mini task, trials on a local Ray ----------------------------
 
 

@@ -8,13 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_vit
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from vptune import config_for, prompt_model
 from vptune.train import NonFiniteLossError, TrainConfig, build_optimizer, fit, lr_factor, param_groups
-from vptune.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from vptune.train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 
 
 class Blobs(Dataset):
@@ -265,3 +266,114 @@ def test_extra_flops_against_formulas(method, options, expected):
     tokens = model.backbone.patch_embed.num_patches + model.backbone.num_prefix_tokens
     assert extra_flops(model) == expected(tokens, model.backbone.embed_dim, len(model.backbone.blocks))
     assert {n for n, p in model.named_parameters() if p.requires_grad} == tuned  # counting changed no flag
+
+
+# --- gradient clipping (clip_grad) -------------------------------------------------------------
+
+
+def hand_step(method: str, data, clip: float | None, **options) -> tuple[dict[str, torch.Tensor], float]:
+    """The first step fit takes with SGD at lr 1 without weight decay on all of ``data.train`` as
+    one batch (momentum's first step is the gradient itself): minus the mean-loss gradient, scaled by
+    hand to total L2 norm ``clip`` (clip_grad_norm_'s rule, coefficient clip / (norm + 1e-6) when
+    under 1); and the gradient's norm before clipping."""
+    model = model_for(method, **options)
+    model.train()
+    images = torch.stack([data.train[i][0] for i in range(len(data.train))])
+    labels = torch.tensor([data.train[i][1] for i in range(len(data.train))])
+    F.cross_entropy(model(images), labels).backward()
+    grads = {name: p.grad.clone() for name, p in model.tuned_parameters().items()}
+    norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads.values()))
+    scale = 1.0 if clip is None else min(1.0, clip / (norm + 1e-6))
+    return {name: -scale * g for name, g in grads.items()}, norm
+
+
+def one_step(method: str, data, tracker=None, **settings) -> dict[str, torch.Tensor]:
+    """How far one epoch of fit (one optimiser step at lr 1, SGD, no decay) moves each tuned tensor."""
+    model = model_for(method, **METHOD_OPTIONS[method])
+    before = {name: p.detach().clone() for name, p in model.tuned_parameters().items()}
+    fit(model, data, cfg(epochs=1, lr=1.0, weight_decay=0.0, warmup_epochs=0, **settings), progress=False, tracker=tracker)
+    return {name: p.detach() - before[name] for name, p in model.tuned_parameters().items()}
+
+
+METHOD_OPTIONS = {"vpt-deep": {"num_prompts": 2}, "lora": {"rank": 2}}
+
+
+def counting_clip(monkeypatch, fail: bool = False) -> list[float]:
+    """Record the total norm of every clip_grad_norm_ call (or fail on any call)."""
+    real, norms = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, max_norm, *args, **kwargs):
+        assert not fail, "clip_grad_norm_ was called without clip_grad"
+        norms.append(float(total := real(params, max_norm, *args, **kwargs)))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    return norms
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
+@pytest.mark.parametrize("clip", [None, 0.01])
+def test_clip_grad_steps_with_the_gradient_clipped_to_the_max_norm(method, clip, monkeypatch):
+    """With clip_grad the step is the gradient scaled to norm clip_grad (over every tuned tensor,
+    head included); without it, the raw gradient, and nothing calls clip_grad_norm_."""
+    data = bundle(n_train=8)
+    expected, norm = hand_step(method, data, clip, **METHOD_OPTIONS[method])
+    norms = counting_clip(monkeypatch, fail=clip is None)
+    logged = []
+    tracker = SimpleNamespace(log=lambda figures, step: logged.append(figures))
+    moved = one_step(method, data, tracker, batch_size=8, clip_grad=clip)
+    assert moved.keys() == expected.keys()
+    for name, delta in moved.items():
+        torch.testing.assert_close(delta, expected[name], rtol=1e-3, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    step_norm = math.sqrt(sum(float(d.double().square().sum()) for d in moved.values()))
+    if clip is None:
+        assert step_norm == pytest.approx(norm, rel=1e-3) and norms == []
+        assert not any("step/grad_norm" in figures for figures in logged)
+    else:
+        assert norm > 10 * clip  # the limit bites
+        assert step_norm == pytest.approx(clip, rel=1e-3) and norms == [pytest.approx(norm, rel=1e-3)]
+        assert [f["step/grad_norm"] for f in logged if "step/grad_norm" in f] == [pytest.approx(norm, rel=1e-3)]
+
+
+def test_accumulation_clips_the_summed_gradient_once_per_step(monkeypatch):
+    """Four micro-batches of 2 make one step: its gradient is clipped once, after the last
+    backward, exactly as the batch of 8 is (clipping each micro-batch's share would not be)."""
+    data = bundle(n_train=8)
+    expected, norm = hand_step("vpt-deep", data, 0.01, **METHOD_OPTIONS["vpt-deep"])
+    norms = counting_clip(monkeypatch)
+    moved = one_step("vpt-deep", data, batch_size=2, grad_accum=4, clip_grad=0.01)
+    for name, delta in moved.items():
+        torch.testing.assert_close(delta, expected[name], rtol=1e-3, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+    assert norms == [pytest.approx(norm, rel=1e-3)]
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_a_clip_grad_that_is_not_a_positive_number_is_one_clear_error(bad):
+    with pytest.raises(ValueError, match=r"clip_grad must be a positive number .* got .*--clip-grad 1.0, or leave it out"):
+        cfg(clip_grad=bad)
+    assert cfg(clip_grad=2).clip_grad == 2 and cfg().clip_grad is None
+
+
+def test_a_checkpoint_from_before_clip_grad_resumes_as_the_unclipped_run_it_was(tmp_path):
+    """Checkpoints and run configs written before clip_grad existed lack the key: they were made
+    without clipping, so they resume under clip_grad None (to the uninterrupted result) and are
+    refused under a clip_grad."""
+    data = bundle()
+    straight = model_for("vpt-deep", num_prompts=2)
+    fit(straight, data, cfg(), tmp_path / "straight", progress=False)
+    with pytest.raises(Kill):
+        fit(model_for("vpt-deep", num_prompts=2), data, cfg(), tmp_path / "old", progress=False,
+            on_epoch_end=lambda record: (_ for _ in ()).throw(Kill))
+    ckpt = load_checkpoint(tmp_path / "old")
+    del ckpt["train_config"]["clip_grad"]  # what vptune wrote before clip_grad
+    save_checkpoint(tmp_path / "old", ckpt)
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["metadata"]["train_config"]["clip_grad"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ValueError, match="cannot resume .*clip_grad None vs 1.0"):
+        fit(model_for("vpt-deep", num_prompts=2), data, cfg(clip_grad=1.0), tmp_path / "old", resume=True, progress=False)
+    resumed = model_for("vpt-deep", seed=7, num_prompts=2)
+    fit(resumed, data, cfg(), tmp_path / "old", resume=True, progress=False)
+    for name, tensor in straight.tuned_state_dict().items():
+        assert torch.equal(resumed.tuned_state_dict()[name], tensor), name

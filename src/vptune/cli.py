@@ -58,6 +58,8 @@ def user_errors(command: Callable) -> Callable:
 
 
 MAX_PIXELS_HELP = "Refuse images above this many pixels, before decoding them (default 16,000,000)."
+CLIP_GRAD_HELP = ("Clip the tuned parameters' gradient to this total L2 norm each optimiser step, e.g. 1.0 "
+                  "(default: no clipping); steadies high-lr LoRA or full fine-tuning.")
 
 
 # --- train, eval, predict -----------------------------------------------------------------
@@ -123,6 +125,7 @@ def train(
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast on CPU and GPU)."),
     seed: int = typer.Option(0, help="Seed for initialisation, shuffling and dropout."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
+    clip_grad: Optional[float] = typer.Option(None, help=CLIP_GRAD_HELP),
     eval_every: int = typer.Option(0, help="Evaluate on val every k epochs (0: only at the end)."),
     num_workers: int = typer.Option(0, help="DataLoader worker processes."),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help="Skip unreadable images (counted in metrics)."),
@@ -159,6 +162,7 @@ def train(
     cfg = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, optimizer=optimizer,
         warmup_epochs=warmup_epochs, scale_lr=scale_lr, precision=precision, seed=seed, grad_accum=grad_accum,
+        clip_grad=clip_grad,
         eval_every=eval_every, num_workers=num_workers, skip_bad_images=skip_bad_images, device=device,
         tracker=tracker, tracking_uri=tracking_uri,
     )
@@ -433,6 +437,7 @@ def sweep(
     optimizer: str = typer.Option("sgd", help="sgd (momentum 0.9, the VPT recipe) or adamw."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast on CPU and GPU)."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimiser step."),
+    clip_grad: Optional[float] = typer.Option(None, help=CLIP_GRAD_HELP),
     num_workers: int = typer.Option(0, help="DataLoader worker processes per trial."),
     device: str = typer.Option("auto", help="auto, cpu or cuda (within each trial)."),
     num_kv_prompts: Optional[int] = typer.Option(None, help="Key/value prompts per block (e2vpt)."),
@@ -459,7 +464,7 @@ def sweep(
         train=TrainConfig(
             epochs=epochs, batch_size=batch_size, warmup_epochs=epochs / 10 if warmup_epochs is None else warmup_epochs,
             optimizer=optimizer, precision=precision,
-            grad_accum=grad_accum, num_workers=num_workers, device=device, scale_lr=True,
+            grad_accum=grad_accum, clip_grad=clip_grad, num_workers=num_workers, device=device, scale_lr=True,
             tracker=tracker, tracking_uri=tracking_uri,
         ),
         lr_grid=parse_grid(lr_grid, float, "--lr-grid"), wd_grid=parse_grid(wd_grid, float, "--wd-grid"),

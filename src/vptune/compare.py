@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence
 from .backbones import BUNDLED_BACKBONE
 from .data import MINI_TASKS
 from .train import NonFiniteLossError, TrainConfig, train_run
-from .train.config import without_tracking
+from .train.config import with_defaults, without_tracking
 from .train.checkpoint import CHECKPOINT_FILE
 from .train.run import METRICS_FILE, write_json
 
@@ -137,7 +137,9 @@ def run_once(
     if (folder / METRICS_FILE).is_file():
         saved = json.loads((folder / METRICS_FILE).read_text()).get("train_config")
         wanted = without_tracking(recipe.train.to_dict())  # a run is the same whichever tracker logs it
-        if saved is None or without_tracking(saved) != wanted:
+        if saved is not None:
+            saved = without_tracking(with_defaults(saved, wanted))  # a run from before a setting existed had its default
+        if saved is None or saved != wanted:
             changed = sorted(k for k, v in wanted.items() if saved is None or saved.get(k) != v)
             raise ValueError(f"{folder} holds a finished run made with other settings ({', '.join(changed)} differ): "
                              "use another --out, or the settings it was made with")

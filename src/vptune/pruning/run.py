@@ -41,7 +41,7 @@ from ..methods.vpt import MASK_MODES, SEGMENT_LAYOUTS
 from ..model import WEIGHTS_FILE, PromptModel, read_run_config
 from ..train import TrainConfig, evaluate, fit, load_run
 from ..train.checkpoint import CHECKPOINT_FILE
-from ..train.config import without_tracking
+from ..train.config import with_defaults, without_tracking
 from ..train.folder import INIT_FILE, METRICS_FILE, PRUNE_FILE, PRUNE_PROGRESS_FILE, claim_run_folder, run_folder_lock
 from ..train.run import write_json
 from .masks import (
@@ -192,6 +192,8 @@ def previous_candidates(out: Path, settings: dict[str, Any]) -> list[dict[str, A
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is unreadable ({err}): delete it to start the search over") from None
     saved = progress.get("settings", {})
+    if isinstance(saved.get("train_config"), dict):  # a pruning from before a setting existed had its default
+        saved = {**saved, "train_config": with_defaults(saved["train_config"], settings["train_config"])}
     if saved != settings:
         changed = sorted(k for k in {*saved, *settings} if saved.get(k) != settings.get(k))
         raise ValueError(f"{out} holds a pruning made with other settings ({', '.join(changed)} differ): "

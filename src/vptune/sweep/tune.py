@@ -28,7 +28,7 @@ from ..backbones import load_backbone
 from ..backbones.family import family_of
 from ..train import TrainConfig
 from ..train.checkpoint import CHECKPOINT_FILE
-from ..train.config import without_tracking
+from ..train.config import with_defaults, without_tracking
 from .protocol import METRICS_FILE, STOPPED_FILE, Outcome, Run, SweepConfig, first_line, read_outcome, write_json
 
 Trainer = Callable[..., dict[str, Any]]  # the signature of vptune.train.train_run
@@ -112,6 +112,8 @@ def check_settings(config: SweepConfig, backbone_weights: str | None = None) -> 
     path = config.out / SETTINGS_FILE
     if path.is_file():
         before = json.loads(path.read_text())
+        if isinstance(before.get("train"), dict):  # a sweep from before a setting existed had its default
+            before["train"] = with_defaults(before["train"], settings["train"])
         diffs = [
             f"{key}: {before.get(key)!r} then, {value!r} now"
             for key, value in json.loads(json.dumps(settings, default=str)).items() if before.get(key) != value

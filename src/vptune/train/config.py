@@ -7,7 +7,8 @@ exactly how it was made and ``--resume`` can refuse to continue under different 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import math
+from typing import Any, Iterable
 
 import torch
 
@@ -21,6 +22,15 @@ TRACKING_FIELDS = ("tracker", "tracking_uri")
 def without_tracking(settings: dict[str, Any]) -> dict[str, Any]:
     """A TrainConfig's ``to_dict()`` (or a recorded one) without the tracking fields."""
     return {key: value for key, value in settings.items() if key not in TRACKING_FIELDS}
+
+
+def with_defaults(saved: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``saved`` (training settings a run, checkpoint or sweep folder recorded) with each of ``keys``
+    it lacks set to that setting's default. A setting is added with a default that keeps what vptune
+    did before it existed (``clip_grad`` None: no clipping), so a record written before it was made
+    with the default, and must compare equal to a new invocation that leaves it out."""
+    defaults = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+    return {**{key: defaults[key] for key in keys if key in defaults and key not in saved}, **saved}
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -54,6 +64,7 @@ class TrainConfig:
     precision: str = "fp32"  # "fp32" | "bf16" (autocast, on CPU and GPU)
     seed: int = 0
     grad_accum: int = 1
+    clip_grad: float | None = None  # the largest L2 norm of the tuned parameters' gradients per step; None: no clipping
     eval_every: int = 0  # evaluate on val every k epochs; 0: only at the end
     num_workers: int = 0
     skip_bad_images: bool = False
@@ -78,6 +89,12 @@ class TrainConfig:
                 f"bad training setting {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)}: epochs, batch_size and "
                 "grad_accum must be >= 1, lr > 0, weight_decay, eval_every and num_workers >= 0, "
                 "and warmup_epochs between 0 and epochs"
+            )
+        clip = self.clip_grad
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < math.inf):
+            raise ValueError(
+                f"clip_grad must be a positive number (the largest L2 norm of the tuned parameters' gradients in a "
+                f"step) or None for no clipping, got {self.clip_grad!r}: pass e.g. --clip-grad 1.0, or leave it out"
             )
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")

@@ -26,6 +26,7 @@ from typing import Any, Iterator
 from ..model import CONFIG_FILE, WEIGHTS_FILE, read_run_config
 from ..tracking import MLFLOW_DB, MLFLOW_RUN_ID_FILE, TENSORBOARD_DIR
 from .checkpoint import CHECKPOINT_FILE
+from .config import with_defaults
 from .loop import CURVE_FILE, RESUME_MUST_MATCH
 
 LOCK_FILE = ".vptune-lock"
@@ -146,14 +147,16 @@ def check_resume_settings(
     recorded = {
         "method": run["method_config"], "data": meta.get("data"), "final": meta.get("final"),
         "backbone": meta.get("backbone", {}).get("spec"),
-        **{key: meta.get("train_config", {}).get(key) for key in RESUME_MUST_MATCH},
     }
+    recorded = {key: value for key, value in recorded.items() if value is not None}  # an older folder may lack some
+    if "train_config" in meta:  # None is a setting's value here (clip_grad: no clipping), so compared too
+        saved = with_defaults(meta["train_config"], RESUME_MUST_MATCH)
+        recorded.update({key: saved.get(key) for key in RESUME_MUST_MATCH})
     asked = {
         "method": method_config, "data": data, "final": final, "backbone": backbone,
         **{key: train_config.get(key) for key in RESUME_MUST_MATCH},
     }
-    diffs = [f"{key} {recorded[key]!r} vs {asked[key]!r}" for key in asked
-             if recorded[key] is not None and recorded[key] != asked[key]]
+    diffs = [f"{key} {recorded[key]!r} vs {asked[key]!r}" for key in asked if key in recorded and recorded[key] != asked[key]]
     if diffs:
         raise RunFolderError(
             f"cannot resume {folder}: it was made with other settings (then vs now: {'; '.join(diffs)}); resume with "

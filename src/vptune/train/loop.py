@@ -3,8 +3,8 @@
 One epoch reads: shuffle with a generator seeded by (seed, epoch); for each micro-batch, a
 forward pass under optional bf16 autocast, the summed cross-entropy divided by the number of
 images in its optimiser step (so ``grad_accum`` micro-batches add up to exactly the big batch's
-mean-loss gradient), backward; every ``grad_accum`` micro-batches set the scheduled lr and
-step. At the end of the epoch: evaluate on val if due, then (main process only) write the
+mean-loss gradient), backward; every ``grad_accum`` micro-batches clip the summed gradient's norm
+(with ``clip_grad``), set the scheduled lr and step. At the end of the epoch: evaluate on val if due, then (main process only) write the
 tuned weights, the checkpoint and the curve. Because the data order depends only on
 (seed, epoch) and the checkpoint holds every RNG state, ``resume=True`` reproduces an
 uninterrupted run exactly.
@@ -34,7 +34,7 @@ from ..atomic import atomic_write
 from ..model import CONFIG_FILE, PromptModel, check_compatible, read_run_config
 from ..tracking import Tracker
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import TrainConfig
+from .config import TrainConfig, with_defaults
 from .distributed import all_sum, eval_shard, finite_everywhere, train_sampler, world_size, wrap
 from .optim import build_optimizer, lr_factor, set_lr
 
@@ -43,7 +43,7 @@ CURVE_FIELDS = ("epoch", "step", "train_loss", "lr", "val_top1", "val_loss", "im
 # Settings a resumed run must share with its checkpoint, or it would not continue the same run.
 RESUME_MUST_MATCH = (
     "epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "scale_lr", "precision", "seed",
-    "grad_accum", "eval_every",
+    "grad_accum", "eval_every", "clip_grad",
 )
 
 
@@ -221,6 +221,7 @@ def fit(
                 loss_sum, seen = loss_sum + loss_value, seen + count
                 step_loss, step_seen = step_loss + loss_value, step_seen + count
                 if (i + 1) % cfg.grad_accum == 0 or i + 1 == micro_batches:
+                    grad_norm = clip_gradients(optimizer, cfg.clip_grad)
                     lr = peak_lr * lr_factor(state["step"], warmup_steps, total_steps)
                     set_lr(optimizer, lr)
                     optimizer.step()
@@ -228,8 +229,11 @@ def fit(
                     state["step"] += 1
                     if tracker is not None:
                         now = time.perf_counter()
-                        tracker.log({"step/train_loss": step_loss / step_seen, "step/lr": lr,
-                                     "step/images_per_s": step_seen / max(now - step_tick, 1e-9)}, state["step"])
+                        figures = {"step/train_loss": step_loss / step_seen, "step/lr": lr,
+                                   "step/images_per_s": step_seen / max(now - step_tick, 1e-9)}
+                        if grad_norm is not None:
+                            figures["step/grad_norm"] = grad_norm  # before clipping: how often the limit bites
+                        tracker.log(figures, state["step"])
                         step_loss, step_seen, step_tick = 0.0, 0, now
                 elapsed = time.perf_counter() - tick
                 bar.update(task, advance=1, loss=loss_sum / seen, lr=lr, ips=seen / max(elapsed, 1e-9))
@@ -277,6 +281,19 @@ def fit(
     }
 
 
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float | None) -> float | None:
+    """Scale the gradients of an optimiser step so that their total L2 norm over the tuned parameters
+    (the optimiser's) is at most ``max_norm``, as timm's ``--clip-grad`` and HF Trainer's
+    ``max_grad_norm`` do: it keeps a high-lr step from throwing LoRA or full fine-tuning off course.
+    Called once per step, on the gradient of all its micro-batches (under torchrun, already averaged
+    over processes, so every process clips alike). Returns the norm before clipping; None (nothing
+    touched) without ``max_norm``."""
+    if max_norm is None:
+        return None
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+
+
 def non_finite(loss: torch.Tensor, epoch: int, step: int, out_dir: Path | None) -> NonFiniteLossError:
     kept = (
         f"the last good checkpoint in {out_dir} (after epoch {epoch}) is kept"
@@ -320,7 +337,7 @@ def check_backbone_weights(run: dict[str, Any], fingerprint: str, out_dir: Path)
 def restore(model: PromptModel, optimizer: torch.optim.Optimizer, data: Any, cfg: TrainConfig, out_dir: Path) -> dict:
     """Load the checkpoint into ``model`` and ``optimizer``, restore the RNGs, return the loop state."""
     ckpt = load_checkpoint(out_dir)
-    saved = ckpt["train_config"]
+    saved = with_defaults(ckpt["train_config"], RESUME_MUST_MATCH)  # a checkpoint from before a setting existed
     diffs = [f"{key} {saved.get(key)!r} vs {getattr(cfg, key)!r}" for key in RESUME_MUST_MATCH if saved.get(key) != getattr(cfg, key)]
     if ckpt.get("train_size") != len(data.train):
         diffs.append(f"training images {ckpt.get('train_size')} vs {len(data.train)}")
