@@ -95,6 +95,13 @@ MUTANTS = [
         ("tests/test_distributed.py", "-k", "two_processes"),
     ),
     Mutant(
+        "--clip-grad clips each micro-batch's share before accumulation ends",
+        "train/loop.py",
+        "(loss / in_step).backward()\n",
+        "(loss / in_step).backward()\n                clip_gradients(optimizer, cfg.clip_grad)\n",
+        ("tests/test_train.py", "-k", "accumulation_clips"),
+    ),
+    Mutant(
         "loader workers seeded from the clock",
         "train/loop.py",
         "generator=epoch_generator(cfg.seed, epoch),",
