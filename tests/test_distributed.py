@@ -25,10 +25,13 @@ from torch.utils.data import TensorDataset
 from vptune.train import TrainConfig, fit
 from vptune.train.distributed import process_group_from_env
 
+sys.path.insert(0, TESTS_DIR)  # the tests' honest weights (the worker runs from a temporary folder)
+from honest import honest_
+
 
 def setup(batch_size, clip_grad=None):
     torch.manual_seed(0)
-    backbone = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=0).eval()
+    backbone = honest_(VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3, num_classes=0), seed=0).eval()
     model = vptune.prompt_model(backbone, vptune.config_for("vpt-deep", num_prompts=4), num_classes=5)
     generator = torch.Generator().manual_seed(1)
     images, labels = torch.randn(8, 3, 32, 32, generator=generator), torch.randint(0, 5, (8,), generator=generator)
@@ -74,6 +77,10 @@ if __name__ == "__main__":
 '''
 
 
+def worker_code(template: str) -> str:
+    return template.replace("TESTS_DIR", repr(str(Path(__file__).resolve().parent)))
+
+
 def torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
@@ -85,7 +92,7 @@ def torchrun(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Complete
 @pytest.mark.parametrize("clip_grad", [None, 0.05])
 def test_two_processes_take_the_step_of_one_process_on_the_combined_batch(tmp_path, clip_grad):
     worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
+    worker.write_text(worker_code(WORKER))
     torchrun(str(worker), str(tmp_path), *([] if clip_grad is None else [str(clip_grad)]), cwd=tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
@@ -110,7 +117,7 @@ def test_two_processes_take_the_step_of_one_process_on_the_combined_batch(tmp_pa
 
 def test_a_nan_loss_on_one_process_stops_every_process(tmp_path):
     worker = tmp_path / "worker.py"
-    worker.write_text(NAN_ON_ONE_RANK)
+    worker.write_text(worker_code(NAN_ON_ONE_RANK))
     torchrun(str(worker), str(tmp_path), cwd=tmp_path, timeout=120)  # without the shared check rank 0 waits forever
     assert "loss became nan" in (tmp_path / "rank1.txt").read_text()
     assert "loss became NaN or infinite on another process" in (tmp_path / "rank0.txt").read_text()
