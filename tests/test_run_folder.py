@@ -209,3 +209,17 @@ def test_a_second_training_on_a_folder_being_written_is_refused_and_a_dead_holde
     result = invoke(*train_args(workspace, out, "--epochs", "2", "--resume"))
     assert result.exit_code == 0, result.output
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2 and not (out / ".vptune-lock").exists()
+
+
+def test_a_run_from_before_a_method_option_existed_reads_back_with_its_default(finished, workspace, tmp_path):
+    """A method option added later (VPT's ``swin``, APT's ``train_scale`` and ``dropout``) is absent from
+    older records; its default keeps what the method did before, so the old run reads back (the mini
+    benchmark's APT runs of a week earlier were refused as 'made with other settings')."""
+    old = Path(shutil.copytree(finished, tmp_path / "old-method"))
+    config = json.loads((old / "config.json").read_text())
+    del config["method_config"]["swin"], config["method_config"]["segment_layout"]
+    (old / "config.json").write_text(json.dumps(config, indent=2))
+    before = snapshot(old)
+    result = invoke(*train_args(workspace, old, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert snapshot(old) == before  # read back, not retrained

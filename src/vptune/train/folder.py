@@ -138,6 +138,19 @@ def _describe(folder: Path) -> str:
     return f"{run['method_config'].get('method', '?')}" + (f" on {data}" if data else "")
 
 
+def method_config_with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A recorded method config with each option it lacks at that option's default: an option is
+    added with a default that keeps what the method did before (APT's ``train_scale`` True), so a
+    run recorded before it existed compares equal to a new invocation that leaves it out. A record
+    the current code cannot read stays as it is (and then differs, with its keys in the error)."""
+    from ..methods import config_from_dict
+
+    try:
+        return config_from_dict(saved).to_dict()
+    except ValueError:
+        return saved
+
+
 def check_resume_settings(
     folder: Path, method_config: dict[str, Any], data: str, final: bool, backbone: str, train_config: dict[str, Any]
 ) -> None:
@@ -145,7 +158,7 @@ def check_resume_settings(
     run = read_run_config(folder)
     meta = run.get("metadata", {})
     recorded = {
-        "method": run["method_config"], "data": meta.get("data"), "final": meta.get("final"),
+        "method": method_config_with_defaults(run["method_config"]), "data": meta.get("data"), "final": meta.get("final"),
         "backbone": meta.get("backbone", {}).get("spec"),
     }
     recorded = {key: value for key, value in recorded.items() if value is not None}  # an older folder may lack some
