@@ -243,3 +243,14 @@ def test_each_committed_model_card_states_the_figures_of_its_committed_json(arch
     card = " ".join((WEIGHTS / CARDS[arch]).read_text().split())  # the card's line breaks do not matter
     missing = [line for line in committed_lines(arch, record) if " ".join(line.split()) not in card]
     assert not missing, f"{CARDS[arch]} does not state {missing}"
+
+
+def test_a_resumed_runs_throughput_counts_every_step_over_every_sessions_time():
+    """``train_steps`` returns the training time summed over the sessions of a resumed run, so the
+    rate is all steps over it (the CLIP, ViLT and METER records once counted only this session's
+    steps, halving the rate of a run resumed half way)."""
+    from vptune.backbones.figures import training_record
+
+    record = training_record("c", {"steps": 10, "batch_size": 4}, start=5, elapsed=20.0, history=[[10, 0.5]])
+    assert record["pairs_per_s"] == 2.0 and record["resumed_at"] == 5 and record["steps"] == 10
+    assert training_record("c", {"steps": 10, "batch_size": 4}, 0, 20.0, [], unit="canvases")["canvases_per_s"] == 2.0

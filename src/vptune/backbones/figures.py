@@ -54,6 +54,17 @@ def write_figures(docs: Path, arch: str, model: str, evaluation: dict, command: 
     return path
 
 
+def training_record(command: str, recipe: dict, start: int, elapsed: float, history: list, unit: str = "pairs") -> dict:
+    """The ``training`` part of a ``pretrain.train_steps`` run's figures file: its command and recipe,
+    the step it resumed at, its training time and throughput (``elapsed`` is summed over every
+    session of a resumed run, so the rate counts all ``recipe["steps"]``), and its loss history."""
+    from ..report import machine, now
+
+    return {"command": command, "recipe": recipe, "steps": recipe["steps"], "resumed_at": start, "wall_time_min": elapsed / 60,
+            f"{unit}_per_s": recipe["steps"] * recipe["batch_size"] / max(elapsed, 1e-9), "machine": machine(),
+            "written": now(), "history": history}
+
+
 def remeasure(arch: str, out: Path, docs: Path, threads: int = 1) -> dict:
     """Measure the evaluation figures of the weights ``arch`` has in ``out`` (no training) and write
     its figures file in ``docs``; returns the evaluation figures."""

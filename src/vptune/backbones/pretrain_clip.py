@@ -16,7 +16,6 @@ zero-shot accuracies again on the shipped weights (``vptune pretrain --arch clip
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from ..data.cache import cache_root
 from ..report import machine, now
 from .bundled import MEAN, STD
 from .clip_bundled import BUNDLED_CLIP, build_bundled_clip, clip_config, init_from_vit
-from .figures import evaluate_command, figures_path, weights_figures, write_figures
+from .figures import evaluate_command, figures_path, training_record, weights_figures, write_figures
 from .pretrain import train_steps
 
 ZERO_SHOT_TASKS = ("location", "orientation", "count", "scale")
@@ -162,9 +161,7 @@ def pretrain_clip(
     command = (f"vptune pretrain --arch clip --out {out} --docs {docs} --steps {steps} --batch-size {batch_size} --lr {lr} "
                f"--image-lr {image_lr} --unlocked-blocks {unlocked_blocks} --weight-decay {weight_decay} --warmup-steps {warmup_steps} --seed {seed} "
                f"--threads {threads}")
-    training = {"command": command, "recipe": recipe, "steps": steps, "resumed_at": start, "wall_time_min": elapsed / 60,
-                "pairs_per_s": (steps - start) * batch_size / max(elapsed, 1e-9), "machine": machine(), "written": now(),
-                "history": history}
+    training = training_record(command, recipe, start, elapsed, history)
     write_figures(docs, "clip", BUNDLED_CLIP, evaluation, evaluate_command("clip", out, docs), training)
     figures = {**evaluation, **{k: training[k] for k in ("wall_time_min", "pairs_per_s")}}
     (out / "CLIP_MODEL_CARD.md").write_text(model_card(recipe, figures, command, evaluate_command("clip", out, docs),
@@ -228,26 +225,3 @@ accuracies again on the shipped weights, with the same code, and rewrites that f
 part; the training figures (wall time, pairs/s) stay as the run recorded them.
 """
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Pretrain the bundled CLIP on captioned canvases.")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--image-lr", type=float, default=2e-4)
-    parser.add_argument("--unlocked-blocks", type=int, default=2)
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--work-dir", type=Path, default=None)
-    parser.add_argument("--docs", type=Path, default=None, help="folder for the figures JSON (default: --out)")
-    args = parser.parse_args()
-    pretrain_clip(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, image_lr=args.image_lr,
-                  unlocked_blocks=args.unlocked_blocks, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
-                  threads=args.threads, work_dir=args.work_dir, docs=args.docs)
-
-
-if __name__ == "__main__":
-    main()

@@ -28,10 +28,10 @@ from torch import Tensor, nn
 from ..data.cache import cache_root
 from ..report import machine, now
 from .bundled import MEAN, STD
-from .figures import evaluate_command, figures_path, write_figures
+from .figures import evaluate_command, figures_path, training_record, write_figures
 from .meter_bundled import BUNDLED_METER, HIDDEN, LAYERS, build_bundled_meter, fusion_state
 from .pretrain import train_steps
-from .pretrain_vilt import VAL_PAIRS, evaluate_itm_mlm, itm_mlm_batch, itm_mlm_rows, losses, training_record, validate
+from .pretrain_vilt import VAL_PAIRS, evaluate_itm_mlm, itm_mlm_batch, itm_mlm_rows, losses, validate
 
 CARD = "METER_MODEL_CARD.md"
 PRETRAINING_HEADS = ("itm_score.", "mlm_score.")  # the pretraining heads in the shipped file

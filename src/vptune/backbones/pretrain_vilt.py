@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..data.cache import cache_root
 from ..report import machine, now
-from .figures import evaluate_command, figures_path, weights_figures, write_figures
+from .figures import evaluate_command, figures_path, training_record, weights_figures, write_figures
 from .pretrain import train_steps
 from .vilt_bundled import BUNDLED_VILT, LAYERS, TEXT_LENGTH, init_from_vit, vilt_config
 
@@ -243,13 +243,6 @@ def evaluate_itm_mlm(model: nn.Module, before: dict, weights_path: Path, heads: 
     parameters (but the pretraining ``heads``) and size."""
     return {"pretrain_val": validate(model, tokenizer, mlm_probability, pairs=pairs), "before": before,
             **weights_figures(weights_path, heads)}
-
-
-def training_record(command: str, recipe: dict, start: int, elapsed: float, history: list) -> dict:
-    """The ``training`` part of a step-loop run's figures file (``train_steps``'s start, time and losses)."""
-    return {"command": command, "recipe": recipe, "steps": recipe["steps"], "resumed_at": start,
-            "wall_time_min": elapsed / 60, "pairs_per_s": (recipe["steps"] - start) * recipe["batch_size"] / max(elapsed, 1e-9),
-            "machine": machine(), "written": now(), "history": history}
 
 
 def remeasure_vilt(out: Path, docs: Path, seed: int = 0, mlm_probability: float = 0.15, val_pairs: int = VAL_PAIRS) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..backbones.figures import evaluate_command, figures_path, weights_figures, write_figures
+from ..backbones.figures import evaluate_command, figures_path, training_record, weights_figures, write_figures
 from ..data.cache import cache_root
 from ..report import machine, now
 from .backbone import BUNDLED_SCHEDULER, BUNDLED_SD, BUNDLED_UNET, DiffusionBackbone, denoising_loss
@@ -244,11 +244,9 @@ def pretrain_sd(out: Path, *, docs: Path | None = None, steps: int = 1000, batch
 
     command = (f"vptune pretrain --arch sd --out {out} --docs {docs} --steps {steps} --batch-size {batch_size} --lr {lr} "
                f"--weight-decay {weight_decay} --warmup-steps {warmup_steps} --seed {seed} --threads {threads}")
-    training = {"command": command, "recipe": record["recipe"], "steps": steps, "resumed_at": record["start"],
-                "wall_time_min": record["elapsed"] / 60, "canvases_per_s": steps * batch_size / max(record["elapsed"], 1e-9),
+    training = {**training_record(command, record["recipe"], record["start"], record["elapsed"], record["history"], unit="canvases"),
                 "cpu_min_this_process": (time.process_time() - cpu_start) / 60,
-                "final_loss": record["history"][-1][1] if record["history"] else None,
-                "machine": machine(), "written": now(), "history": record["history"]}
+                "final_loss": record["history"][-1][1] if record["history"] else None}
     write_figures(docs, "sd", BUNDLED_SD, evaluation, evaluate_command("sd", out, docs), training)
     figures = {**evaluation, **{k: v for k, v in training.items() if k not in ("command", "recipe", "history")}}
     (out / CARD).write_text(model_card(record["recipe"], figures, command, sample_steps, sampler, guidance,
