@@ -134,12 +134,20 @@ def test_a_final_run_that_went_unstable_is_marked_and_explained(demo_rows):
     assert "†" not in clean
 
 
-def test_each_backbone_has_its_own_rows_file():
-    """The bundled Swin's `benchmark mini` rows must not overwrite the bundled ViT's."""
-    results = Path("docs/results-mini.md")
-    assert rows_json_path(results, "vptune_vit_fmnist", "vptune_vit_fmnist") == Path("docs/results-mini.json")
-    assert rows_json_path(results, "vptune_swin_fmnist", "vptune_vit_fmnist") == Path("docs/results-mini-vptune_swin_fmnist.json")
-    assert rows_json_path(results, "hf:org/model", "vptune_vit_fmnist").name == "results-mini-hf_org_model.json"
+def test_each_backbone_has_its_own_rows_file(workspace, tmp_path):
+    """`benchmark mini --backbone vptune_swin_fmnist` writes its rows beside the results file under its
+    own name: it once wrote results-mini.json, over the bundled ViT's rows."""
+    results = tmp_path / "results-mini.md"
+    vit_rows = results.with_suffix(".json")
+    vit_rows.write_text("[]\n")  # the ViT's rows, already there
+    args = ["benchmark", "mini", "--backbone", "vptune_swin_fmnist", "--tasks", f"imagefolder:{workspace / 'images'}",
+            "--methods", "linear", "--lrs", "1", "--epochs", 1, "--out", tmp_path / "bench", "--results", results, "--threads", 1]
+    result = CliRunner().invoke(app, [str(a) for a in args], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert vit_rows.read_text() == "[]\n"
+    swin_rows = rows_json_path(results, "vptune_swin_fmnist", "vptune_vit_fmnist")
+    assert swin_rows.name == "results-mini-vptune_swin_fmnist.json"
+    assert [(r["task"], r["method"]) for r in json.loads(swin_rows.read_text())] == [("images", "linear")]
 
 
 def test_a_single_lr_factor_trains_only_the_final_run(workspace):
